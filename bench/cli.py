@@ -1,0 +1,320 @@
+"""``bench``: run a quantization grid, list plugins, publish the leaderboard.
+
+Every user error (unknown name, bad bit-width, bad run dir) ends as one line on stderr and exit
+code 2 -- never a traceback. ``-v`` shows the log (``-vv`` debug, with tracebacks of failed cells).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+from bench import __version__
+from bench.errors import BenchError, unknown
+
+log = logging.getLogger("bench")
+
+BITS_CHOICES = range(2, 9)
+RESULTS_ROOT = Path("results")
+RUN_FORMATS = ("md", "csv", "json", "html")
+
+
+# --------------------------------------------------------------------------- value parsing
+
+
+def comma_list(raw: str, option: str) -> list[str]:
+    """Split 'a,b' into items, rejecting empty items and duplicates with the exact bad value named."""
+    items = [part.strip() for part in raw.split(",")]
+    if any(not item for item in items):
+        raise BenchError(f"{option} {raw!r}: empty item in the comma list")
+    seen = set()
+    for item in items:
+        if item.lower() in seen:
+            raise BenchError(f"{option} {raw!r}: '{item}' is listed twice")
+        seen.add(item.lower())
+    return items
+
+
+def int_list(raw: str, option: str, choices=None) -> list[int]:
+    out = []
+    for item in comma_list(raw, option):
+        valid = f"; choose from {min(choices)}..{max(choices)}" if choices else ""
+        try:
+            value = int(item)
+        except ValueError:
+            raise BenchError(f"{option}: '{item}' is not an integer{valid}") from None
+        if choices is not None and value not in choices:
+            raise BenchError(f"{option}: {value} is out of range{valid}")
+        out.append(value)
+    return out
+
+
+def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``--set rtn.clip=mse`` -> {"rtn": {"clip": "mse"}}."""
+    settings: dict[str, dict[str, str]] = {}
+    for pair in pairs or []:
+        target, eq, value = pair.partition("=")
+        scope, dot, name = target.partition(".")
+        if not eq or not dot or not scope or not name:
+            raise BenchError(f"--set {pair!r}: expected METHOD.FIELD=VALUE (or finetune.FIELD=VALUE)")
+        settings.setdefault(scope.lower(), {})[name] = value
+    return settings
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> int:
+    from bench import plugins as plugin_mod
+    from bench.leaderboard import build, collect
+    from bench.models import ALIASES, resolve
+    from bench.results import ResultStore
+    from bench.runner import GridRequest, Runner, plan
+
+    plugins = plugin_mod.default()
+    model_kind = ALIASES.get(args.model.lower()).kind if args.model.lower() in ALIASES else None
+    default_task = "wikitext2" if model_kind == "decoder" else "sst2"
+    request = GridRequest(
+        methods=comma_list(args.methods, "--methods"),
+        bits=int_list(args.bits, "--bits", BITS_CHOICES),
+        tasks=comma_list(args.tasks or default_task, "--tasks"),
+        seeds=int_list(args.seeds, "--seeds"),
+        model=args.model,
+        act_bits=int_list(args.act_bits, "--act-bits", BITS_CHOICES)[0] if args.act_bits else None,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        symmetric=not args.asymmetric,
+        settings=parse_settings(args.set),
+        limit=args.limit,
+        reference=not args.no_reference,
+    )
+    if args.act_bits and len(comma_list(args.act_bits, "--act-bits")) > 1:
+        raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
+    if args.limit is not None and args.limit < 1:
+        raise BenchError(f"--limit {args.limit}: must be a positive number of examples")
+    cells, resolved = plan(request, plugins)
+    out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    store = ResultStore(out)
+    if store.path.exists():
+        store.rows()  # a corrupt results file is reported before any work starts
+    device = args.device or _default_device()
+    with store.lock():
+        meta = store.meta()
+        planned = sorted(set(meta.get("planned", [])) | {c.key for c in cells})
+        store.write_meta({**meta, "planned": planned, "last_command": " ".join(["bench", *sys.argv[1:]]),
+                          "created": meta.get("created", datetime.now().isoformat(timespec="seconds"))})
+        print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
+        counts = Runner(plugins, store, resolved, device).run(cells, force=args.force, retry_failed_only=args.retry_failed)
+        ok, failed = collect([str(out)])
+        board = build(ok, failed, [str(out)])
+        for fmt in RUN_FORMATS:
+            text = plugins.reporters.get(fmt)(board, out / f"leaderboard.{fmt}")
+            if fmt == "md":
+                print(text)
+    print(f"cells: {counts['planned']} planned, {counts['skipped']} skipped (done), {counts['ok']} ok, "
+          f"{counts['failed']} failed; leaderboard in {out}/leaderboard.{{{','.join(RUN_FORMATS)}}}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_list(args) -> int:
+    from bench import plugins as plugin_mod
+
+    if args.kind not in plugin_mod.KINDS:
+        raise unknown("kind", args.kind, plugin_mod.KINDS)
+    registry = plugin_mod.default().registry(args.kind)
+    rows = []
+    for entry in registry.entries():
+        rows.append([entry.name, ", ".join(entry.aliases), _describe(args.kind, entry), str(entry.provider)])
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=["name", "aliases", "details", "plugin"]))
+    return 0
+
+
+def _describe(kind: str, entry) -> str:
+    obj = entry.obj
+    if kind == "methods":
+        import dataclasses
+
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(obj.Config))
+        return f"data={obj.data_used}; {obj.description}" + (f"; settings: {fields}" if fields else "")
+    if kind == "tasks":
+        return f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric})"
+    if kind == "metrics":
+        return "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
+    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+
+def cmd_plugins(args) -> int:
+    from bench import plugins as plugin_mod
+
+    infos = plugin_mod.default().infos
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    from tabulate import tabulate
+
+    rows = []
+    for info in infos:
+        what = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registered.items())
+        rows.append([info.name, info.dist, info.version, f"ERROR {info.error}" if info.error else what])
+    print(tabulate(rows, headers=["plugin", "package", "version", "registered"]))
+    return 0
+
+
+def _latest_run_dir() -> str:
+    runs = [p for p in RESULTS_ROOT.glob("*") if (p / "results.jsonl").exists()] if RESULTS_ROOT.is_dir() else []
+    if not runs:
+        raise BenchError("no run dir given and none found under results/; pass RUN_DIR")
+    return str(max(runs, key=lambda p: (p / "results.jsonl").stat().st_mtime))
+
+
+def cmd_leaderboard(args) -> int:
+    from bench import plugins as plugin_mod
+    from bench.leaderboard import build, collect
+
+    reporters = plugin_mod.default().reporters
+    render = reporters.get(args.format)
+    fmt = reporters.entry(args.format).name
+    run_dirs = args.run_dirs or [_latest_run_dir()]
+    ok, failed = collect(run_dirs)
+    board = build(ok, failed, run_dirs)
+    path = Path(args.output) if args.output else Path(run_dirs[0]) / f"leaderboard.{fmt}"
+    text = render(board, path)
+    if text is not None and fmt != "html":
+        print(text)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from bench.results import ResultStore
+
+    store = ResultStore.open_existing(args.run_dir)
+    latest = store.latest()
+    planned = store.meta().get("planned", [])
+    ok = [k for k, r in latest.items() if r["status"] == "ok"]
+    failed = [r for r in latest.values() if r["status"] != "ok"]
+    pending = [k for k in planned if k not in latest]
+    print(f"{args.run_dir}: {len(planned) or len(latest)} planned, {len(ok)} done, {len(failed)} failed, "
+          f"{len(pending)} pending")
+    for row in failed:
+        print(f"  failed  {row['key']}: {row.get('error')}")
+    for key in pending:
+        print(f"  pending {key}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description="quantbench: compare quantization methods for pre-trained language models on the same "
+        "model, tasks, bit-widths and metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"quantbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run every method x bit-width x task x seed cell (resumes a run dir)",
+        description="Run the grid methods x bits x tasks x seeds on one model. Each cell appends a row to "
+        "RUN_DIR/results.jsonl; cells already done are skipped, so re-running resumes. An FP32 reference cell "
+        "is added per task and seed. Prints the leaderboard at the end.",
+    )
+    run.add_argument("--methods", default="rtn", help="comma list of methods (see `bench list methods`); default rtn")
+    run.add_argument("--bits", default="4,8", help="comma list of weight bit-widths, integers 2..8; default 4,8")
+    run.add_argument("--act-bits", default=None,
+                     help="activation bits (2..8); default: weights only, activations stay float (shown as A32)")
+    run.add_argument("--tasks", default=None, help="comma list of tasks (see `bench list tasks`); default sst2 "
+                     "for encoders, wikitext2 for decoders")
+    run.add_argument("--seeds", default="0", help="comma list of seeds; default 0")
+    run.add_argument("--model", default="minilm",
+                     help="minilm (default, embedded MiniLM-L6 encoder), bert-tiny, smollm2-135m, a hub id or a local dir")
+    run.add_argument("--granularity", default="per-channel",
+                     help="weight scale granularity: per-tensor, per-channel (default) or per-group")
+    run.add_argument("--group-size", type=int, default=128, help="group size for per-group; default 128")
+    run.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (default symmetric)")
+    run.add_argument("--set", action="append", metavar="SCOPE.FIELD=VALUE",
+                     help="override a method setting (rtn.x=1) or the FP fine-tune recipe (finetune.lr=5e-5); repeatable")
+    run.add_argument("--limit", type=int, default=None, help="cap evaluation examples (quick runs)")
+    out = run.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None, help="run dir; default results/<--name or timestamp>")
+    out.add_argument("--name", default=None, help="run name: results/NAME")
+    run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
+    run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
+    run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
+    run.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list registered methods, tasks, metrics or reporters",
+                         description="List what the installed plugins registered, and which plugin provided each.")
+    lst.add_argument("kind", help="methods, tasks, metrics or reporters")
+    lst.set_defaults(func=cmd_list)
+
+    plg = sub.add_parser("plugins", help="list plugins, their versions and what they registered",
+                         description="Every plugin found in the 'bench' entry-point group, built-in or outside.")
+    plg.add_argument("--json", action="store_true", help="machine-readable output")
+    plg.set_defaults(func=cmd_plugins)
+
+    lb = sub.add_parser("leaderboard", help="render the leaderboard of one or more run dirs",
+                        description="Merge the results of RUN_DIRs (default: the newest under results/) into one "
+                        "table: a row per method, columns per bit-width x task.")
+    lb.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    lb.add_argument("--format", default="md", help="md, csv, json, html, or a format an installed plugin adds")
+    lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    show = sub.add_parser("show", help="cells done / failed / pending of a run dir",
+                          description="Status of a run: which cells are done, failed or still pending.")
+    show.add_argument("run_dir", metavar="RUN_DIR")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bench").setLevel(level)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    if verbosity == 0:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; finished cells are saved, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

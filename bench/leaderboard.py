@@ -1,0 +1,144 @@
+"""Results -> one leaderboard table: a row per method, columns per bit-width (WxAy) x task.
+
+Scores of classification/regression tasks are shown x100 (GLUE's convention); several seeds are
+shown as mean ± std. Reporter plugins (``bench.reporters`` and outside ones) turn the ``Leaderboard``
+into files; the table itself is built once, here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from bench import provenance
+from bench.results import ResultStore
+
+PERCENT_KINDS = ("classification", "regression")
+AVERAGE = "avg"
+
+
+@dataclass
+class Leaderboard:
+    table: pd.DataFrame  # display strings: index (method, data), columns (bits, task)
+    means: pd.DataFrame  # the numbers behind ``table``
+    stds: pd.DataFrame
+    counts: pd.DataFrame  # seeds per cell
+    rows: list[dict]  # the ok result rows used
+    failed: list[dict]
+    notes: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def flat_columns(self) -> list[str]:
+        return [f"{bits} {task}" for bits, task in self.table.columns]
+
+
+def _bits_order(label: str) -> tuple:
+    if label == "FP32":
+        return (0, 0, 0)
+    m = re.match(r"W(\d+)A(\d+)", label)
+    return (1, -int(m.group(1)), -int(m.group(2))) if m else (2, 0, 0)
+
+
+def method_label(row: dict) -> str:
+    return row["method"] + (f"[{row['variant']}]" if row.get("variant") else "")
+
+
+def collect(run_dirs: list[str]) -> tuple[list[dict], list[dict]]:
+    """Newest row per cell key over all run dirs; returns (ok rows, failed rows)."""
+    latest: dict[str, dict] = {}
+    for run_dir in run_dirs:
+        latest.update(ResultStore.open_existing(run_dir).latest())
+    ok = [r for r in latest.values() if r.get("status") == "ok"]
+    failed = [r for r in latest.values() if r.get("status") != "ok"]
+    return ok, failed
+
+
+def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str] | None = None) -> Leaderboard:
+    failed = failed or []
+    if not rows:
+        empty = pd.DataFrame()
+        board = Leaderboard(empty, empty, empty, empty, [], failed)
+        board.notes.append("no finished cells yet")
+        board.provenance = _provenance(rows, run_dirs)
+        return board
+    frame = pd.DataFrame(
+        {
+            "method": method_label(r),
+            "data": r.get("data_used") or "-",
+            "bits": r["bits"],
+            "task": r["task"],
+            "seed": r["seed"],
+            "score": r["score"] * (100 if r.get("task_kind") in PERCENT_KINDS else 1),
+        }
+        for r in rows
+    )
+    tasks = sorted(frame.task.unique())
+    if len(tasks) > 1:  # per bit-width average over tasks, per seed, before aggregating seeds
+        avg = frame.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
+        frame = pd.concat([frame, avg.assign(task=AVERAGE)], ignore_index=True)
+    grouped = frame.groupby(["method", "data", "bits", "task"]).score
+    stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()})
+    means, stds, counts = (stats[c].unstack(["bits", "task"]) for c in ("mean", "std", "n"))
+    columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), c[1] == AVERAGE, c[1]))
+    index = sorted(means.index, key=lambda i: (i[0] != "fp32", i[0], i[1]))
+    means, stds, counts = (t.reindex(index=index, columns=columns) for t in (means, stds, counts))
+
+    def show(mean, std, n):
+        if pd.isna(mean):
+            return ""
+        return f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+    table = pd.DataFrame(
+        [[show(means.iat[i, j], stds.iat[i, j], counts.iat[i, j]) for j in range(len(columns))]
+         for i in range(len(index))],
+        index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
+        columns=pd.MultiIndex.from_tuples(columns, names=["bits", "task"]),
+    )
+    board = Leaderboard(table, means, stds, counts, rows, failed)
+    board.notes = _notes(rows, failed)
+    board.provenance = _provenance(rows, run_dirs)
+    return board
+
+
+def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
+    notes = []
+    for task in sorted({r["task"] for r in rows}):
+        sources = sorted({r.get("data_source") or "?" for r in rows if r["task"] == task})
+        metric = next(r["primary_metric"] for r in rows if r["task"] == task)
+        kind = next(r.get("task_kind") for r in rows if r["task"] == task)
+        scale = " x100" if kind in PERCENT_KINDS else ""
+        notes.append(f"{task}: {metric}{scale} on {', '.join(sources)}")
+    for model in sorted({r["model"] for r in rows}):
+        sources = sorted({r.get("model_source") or "?" for r in rows if r["model"] == model})
+        notes.append(f"model {model}: {', '.join(sources)}")
+    notes.append("FP32 = the task-fine-tuned full-precision model every method starts from; "
+                 "WxAy = weight bits x activation bits (A32: activations left in float32)")
+    notes.append("data = what the method trained/calibrated on: none (data-free), calibration, labeled")
+    seeds = sorted({r["seed"] for r in rows})
+    notes.append(f"seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
+    limits = sorted({r.get("limit") for r in rows if r.get("limit")})
+    if limits:
+        notes.append(f"evaluation capped at --limit {', '.join(map(str, limits))} examples: a quick run, not a result")
+    if failed:
+        notes.append(f"{len(failed)} cell(s) failed and are not shown: " + "; ".join(
+            f"{r['method']} {r['bits']} {r['task']} ({r.get('error')})" for r in failed[:5]))
+    return notes
+
+
+def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
+    versions = provenance.versions()
+    commits = sorted({r.get("git_commit") or "?" for r in rows})
+    return {
+        "quantbench": versions["quantbench"],
+        "torch": versions["torch"],
+        "transformers": versions["transformers"],
+        "git_commit (runs)": ", ".join(commits) or "-",
+        "machine": ", ".join(sorted({f"{r['host']['node']} ({r['host']['processor']}, {r['host']['torch_threads']} threads)"
+                                     for r in rows if r.get("host")})) or "-",
+        "run dirs": ", ".join(run_dirs or []) or "-",
+        "commands": "; ".join(sorted({r.get("command") or "?" for r in rows})) or "-",
+        "rendered": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,40 @@
+"""GLUE's official task metrics, registered as a built-in metric plugin.
+
+Values follow ``evaluate``'s glue metric exactly: it wraps these same scikit-learn/scipy calls and
+reports fractions in [0, 1] (accuracy, F1 of the positive class, Matthews corr., Pearson, Spearman).
+"""
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from bench import hookimpl
+
+
+def accuracy(predictions, references) -> float:
+    return float(accuracy_score(references, predictions))
+
+
+def f1(predictions, references) -> float:
+    return float(f1_score(references, predictions))
+
+
+def matthews_correlation(predictions, references) -> float:
+    return float(matthews_corrcoef(references, predictions))
+
+
+def pearson(predictions, references) -> float:
+    return float(pearsonr(np.asarray(predictions, float), np.asarray(references, float))[0])
+
+
+def spearman(predictions, references) -> float:
+    return float(spearmanr(predictions, references)[0])
+
+
+@hookimpl
+def register_metrics(register):
+    register("accuracy", accuracy, higher_is_better=True)
+    register("f1", f1, higher_is_better=True)
+    register("matthews_correlation", matthews_correlation, higher_is_better=True)
+    register("pearson", pearson, higher_is_better=True)
+    register("spearmanr", spearman, higher_is_better=True)

@@ -1,0 +1,112 @@
+"""Quantized layers and the model surgery that installs them.
+
+A ``QuantLinear`` keeps the original float weight as its parameter and fake-quantizes it on every
+forward, so QAT methods train through the straight-through estimator and PTQ methods can edit the
+float weight (GPTQ, AWQ) before freezing it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+from bench.api import QuantSpec
+from bench.quant.uniform import fake_quantize
+
+log = logging.getLogger(__name__)
+
+# Kept in full precision unless the user says otherwise: task heads and LM heads (standard practice in
+# the BERT/OPT quantization papers: they are tiny next to the body and dominate the output error).
+DEFAULT_KEEP_FP = ("classifier", "classifier.*", "score", "lm_head", "qa_outputs", "cls.*")
+
+
+class WeightQuantizer(nn.Module):
+    """Min-max uniform fake-quantizer for a weight, per the cell's ``QuantSpec``."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.bits = spec.w_bits
+        self.symmetric = spec.symmetric
+        self.granularity = spec.granularity
+        self.group_size = spec.group_size
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(
+            w, self.bits, symmetric=self.symmetric, granularity=self.granularity, group_size=self.group_size
+        )
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.symmetric else "asym"
+        return f"bits={self.bits}, {sym}, {self.granularity}, group_size={self.group_size}"
+
+
+class DynamicActQuantizer(nn.Module):
+    """Per-token dynamic activation fake-quantizer: one asymmetric scale per token (row of the last dim)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = fake_quantize(flat, self.bits, symmetric=False, granularity="per-channel")
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per-token dynamic"
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight (and optionally input activation) is fake-quantized in the forward pass."""
+
+    def __init__(self, linear: nn.Linear, weight_quantizer: nn.Module, act_quantizer: nn.Module | None = None):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.split(".")[-1], p) for p in patterns)
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    *,
+    keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP,
+    weight_quantizer=WeightQuantizer,
+) -> nn.Module:
+    """Swap every ``nn.Linear`` (in place) for a ``QuantLinear`` unless its name matches ``keep_fp``.
+
+    ``weight_quantizer(spec)`` builds each layer's weight quantizer, so QAT methods can pass a learnable
+    one. Returns ``model``; ``summarize`` tells afterwards what was quantized.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or _matches(name, keep_fp):
+            continue
+        act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear(module, weight_quantizer(spec), act))
+    log.debug("quantized model: %s", summarize(model))
+    return model
+
+
+def summarize(model: nn.Module) -> dict:
+    """What a (possibly) quantized model holds: count of quantized Linears and the Linears left float."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    return {"quantized_linears": len(quantized), "kept_fp": kept}

@@ -1,0 +1,270 @@
+"""Expands methods x bits x tasks x seeds into cells, runs them, and resumes finished grids.
+
+Each cell appends exactly one row to the run's result store. A cell that raises records a failed
+row (error and traceback in the log) and the grid goes on; cells whose key already has an ok row
+are skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import torch
+from tqdm.auto import tqdm
+
+from bench import models, provenance
+from bench.api import MethodContext, QuantSpec, apply_overrides
+from bench.errors import BenchError, PluginError, unknown
+from bench.plugins import Plugins
+from bench.quant import DEFAULT_KEEP_FP, summarize
+from bench.results import ResultStore
+from bench.training import seed_everything
+
+log = logging.getLogger(__name__)
+
+REFERENCE_METHOD = "fp32"
+FINETUNE_SCOPE = "finetune"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, bit-width, task, model, seed) point of the grid."""
+
+    method: str
+    method_config: dict = field(hash=False, compare=False)
+    spec: QuantSpec | None  # None for the FP32 reference
+    task: str
+    model: str
+    seed: int
+    recipe: dict = field(hash=False, compare=False)
+    limit: int | None = None
+
+    @property
+    def config_hash(self) -> str:
+        return _hash(self.method_config)
+
+    @property
+    def bits_label(self) -> str:
+        return self.spec.label() if self.spec else "FP32"
+
+    @property
+    def key(self) -> str:
+        """The resume key: every input that changes the result, in a readable form."""
+        grid = "fp" if self.spec is None else (
+            f"{self.bits_label}|{self.spec.granularity}"
+            + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
+            + ("|sym" if self.spec.symmetric else "|asym")
+        )
+        return (f"{self.method}|cfg={self.config_hash}|{grid}|{self.task}|{self.model}|seed={self.seed}"
+                f"|ft={_hash(self.recipe)}|limit={self.limit}")
+
+
+@dataclass
+class GridRequest:
+    """What the user asked for on the command line, before validation."""
+
+    methods: list[str]
+    bits: list[int]
+    tasks: list[str]
+    seeds: list[int]
+    model: str = models.DEFAULT_MODEL
+    act_bits: int | None = None
+    granularity: str = "per-channel"
+    group_size: int = 128
+    symmetric: bool = True
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
+    limit: int | None = None
+    reference: bool = True
+
+
+def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.ResolvedModel]:
+    """Validate every name and setting and expand the grid; nothing is loaded or written here."""
+    methods = [plugins.methods.entry(m).name for m in request.methods]
+    tasks = [plugins.tasks.entry(t).name for t in request.tasks]
+    scopes = set(methods) | {FINETUNE_SCOPE}
+    for scope in request.settings:
+        if scope not in scopes:
+            raise unknown("--set scope", scope, scopes)
+    configs = {
+        m: dataclasses.asdict(apply_overrides(m, plugins.methods.get(m).Config(), request.settings.get(m, {})))
+        for m in methods
+    }
+    recipes = {
+        t: dataclasses.asdict(
+            apply_overrides(FINETUNE_SCOPE, plugins.tasks.get(t).Recipe(), request.settings.get(FINETUNE_SCOPE, {}))
+        )
+        for t in tasks
+    }
+    resolved = models.resolve(request.model)
+    specs = [
+        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric)
+        for b in request.bits
+    ]
+    cells = []
+    for task in tasks:
+        for seed in request.seeds:
+            common = dict(task=task, model=resolved.name, seed=seed, recipe=recipes[task], limit=request.limit)
+            if request.reference and REFERENCE_METHOD not in methods:
+                cells.append(Cell(REFERENCE_METHOD, {}, None, **common))
+            for method in methods:
+                if method == REFERENCE_METHOD:
+                    cells.append(Cell(method, configs[method], None, **common))
+                    continue
+                cells.extend(Cell(method, configs[method], spec, **common) for spec in specs)
+    return cells, resolved
+
+
+class Runner:
+    """Runs planned cells into a result store, one FP model per (task, model, seed) group."""
+
+    def __init__(self, plugins: Plugins, store: ResultStore, resolved: models.ResolvedModel, device: str = "cpu"):
+        self.plugins = plugins
+        self.store = store
+        self.resolved = resolved
+        self.device = device
+        self._data: dict[str, object] = {}
+
+    def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
+        latest = self.store.latest()
+        done = {k for k, r in latest.items() if r.get("status") == "ok"}
+        todo = [c for c in cells if force or c.key not in done]
+        if retry_failed_only:
+            todo = [c for c in todo if latest.get(c.key, {}).get("status") == "failed"]
+        counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ok": 0, "failed": 0}
+        if not todo:
+            log.info("all %d cells already done; nothing to run (use --force to redo)", len(cells))
+            return counts
+        groups: dict[tuple, list[Cell]] = defaultdict(list)
+        for cell in todo:
+            groups[(cell.task, cell.seed, _hash(cell.recipe))].append(cell)
+        with tqdm(total=len(todo), desc="cells", unit="cell", dynamic_ncols=True) as bar:
+            for group in groups.values():
+                for cell, row in self._run_group(group):
+                    self.store.append(row)
+                    counts[row["status"]] += 1
+                    bar.set_postfix_str(f"{cell.method} {cell.bits_label} {cell.task}: {row['status']}")
+                    bar.update()
+        return counts
+
+    # ------------------------------------------------------------------ internals
+    def _run_group(self, group: list[Cell]):
+        first = group[0]
+        task_entry = self.plugins.tasks.entry(first.task)
+        task = task_entry.obj()
+        recipe = task.Recipe(**first.recipe)
+        try:
+            data = self._load_data(task)
+            if task.needs_finetune:
+                fp_model, tokenizer, ft_info = models.load_finetuned(self.resolved, task, data, first.seed, recipe)
+            else:
+                fp_model, tokenizer = task.load_model(self.resolved)
+                ft_info = None
+            fp_model.to(self.device).eval()
+        except Exception as exc:
+            log.error("could not prepare %s/%s seed %d: %s", first.task, first.model, first.seed, exc)
+            log.debug("%s", traceback.format_exc())
+            for cell in group:
+                yield cell, self._row(cell, task_entry, None, started=_now(), error=exc)
+            return
+        for cell in group:
+            yield cell, self._run_cell(cell, task_entry, task, recipe, data, fp_model, tokenizer, ft_info)
+
+    def _load_data(self, task):
+        if task.name not in self._data:
+            self._data[task.name] = task.load()
+        return self._data[task.name]
+
+    def _run_cell(self, cell, task_entry, task, recipe, data, fp_model, tokenizer, ft_info) -> dict:
+        started, t0 = _now(), time.perf_counter()
+        method_entry = self.plugins.methods.entry(cell.method)
+        try:
+            method_cls = method_entry.obj
+            method = method_cls(method_cls.Config(**cell.method_config))
+            context = MethodContext(
+                task=task, tokenizer=tokenizer, seed=cell.seed, device=self.device, keep_fp=DEFAULT_KEEP_FP,
+                # Zero-shot methods get no task data at all: they cannot use it by accident.
+                task_data=data if method.data_used != "none" else None,
+            )
+            seed_everything(cell.seed)
+            model = method.quantize(copy.deepcopy(fp_model), cell.spec, context)
+            if not isinstance(model, torch.nn.Module):
+                raise PluginError(
+                    f"method '{cell.method}' ({method_entry.provider}) returned {type(model).__name__}, "
+                    "not a torch.nn.Module"
+                )
+            preds, refs = task.predict(model, tokenizer, data, limit=cell.limit, device=self.device, recipe=recipe)
+            metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
+        except Exception as exc:
+            log.error("cell %s failed: %s: %s", cell.key, type(exc).__name__, exc)
+            log.debug("%s", traceback.format_exc())
+            return self._row(cell, task_entry, method_entry, started=started, t0=t0, error=exc, data=data)
+        row = self._row(cell, task_entry, method_entry, started=started, t0=t0, data=data)
+        row.update(
+            status="ok", metrics=metrics, score=metrics[task.primary_metric], eval_examples=len(refs),
+            data_used=method.data_used, quantized=summarize(model), finetune=ft_info,
+        )
+        log.info("%s %s %s seed %d: %s=%.4f (%.1f s)", cell.method, cell.bits_label, cell.task, cell.seed,
+                 task.primary_metric, row["score"], row["wall_time_s"])
+        return row
+
+    def _row(self, cell, task_entry, method_entry, *, started, t0=None, error=None, data=None) -> dict:
+        spec = cell.spec
+        method_plugin = method_entry.provider if method_entry else self.plugins.methods.entry(cell.method).provider
+        task_cls = task_entry.obj
+        return {
+            "key": cell.key,
+            "method": cell.method,
+            "method_config": cell.method_config,
+            "config_hash": cell.config_hash,
+            "bits": cell.bits_label,
+            "w_bits": spec.w_bits if spec else None,
+            "a_bits": spec.a_bits if spec else None,
+            "granularity": spec.granularity if spec else None,
+            "group_size": spec.group_size if spec and spec.granularity == "per-group" else None,
+            "symmetric": spec.symmetric if spec else None,
+            "task": cell.task,
+            "task_kind": task_cls.kind,
+            "primary_metric": task_cls.primary_metric,
+            "model": cell.model,
+            "model_source": self.resolved.source,
+            "data_source": getattr(data, "source", None),
+            "seed": cell.seed,
+            "limit": cell.limit,
+            "data_used": method_entry.obj.data_used if method_entry else None,
+            "metrics": {},
+            "score": None,
+            "sharpness": None,
+            "latency": None,
+            "size_bytes": None,
+            "status": "failed" if error is not None else "ok",
+            "error": f"{type(error).__name__}: {error}" if error is not None else None,
+            "started": started,
+            "finished": _now(),
+            "wall_time_s": round(time.perf_counter() - t0, 3) if t0 is not None else None,
+            "versions": {
+                **provenance.versions(),
+                "method_plugin": str(method_plugin),
+                "task_plugin": str(task_entry.provider),
+            },
+            "git_commit": provenance.git_commit(),
+            "host": provenance.host(),
+            "device": self.device,
+            "command": provenance.command_line(),
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

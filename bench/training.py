@@ -1,0 +1,64 @@
+"""The one training-loop helper: fine-tuning, QAT and PEFT methods all step through it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable],
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.1,
+    params: Iterable[torch.nn.Parameter] | None = None,
+    max_grad_norm: float | None = 1.0,
+    desc: str = "train",
+) -> list[float]:
+    """AdamW with linear warm-up/decay over ``epochs``; ``batches(epoch)`` yields that epoch's batches.
+
+    Returns the per-step losses so callers (and tests) can see that training happened.
+    """
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * steps_per_epoch)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
+    model.train()
+    losses: list[float] = []
+    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+        for epoch in range(epochs):
+            for batch in batches(epoch):
+                loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update()
+    model.eval()
+    log.info("%s: %d steps, first loss %.4f, last loss %.4f", desc, len(losses), losses[0], losses[-1])
+    return losses

@@ -1,0 +1,1 @@
+"""Built-in method plugins (registered through the "bench" entry-point group like any outside plugin)."""
