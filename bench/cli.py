@@ -73,7 +73,7 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 def cmd_run(args) -> int:
     from bench import plugins as plugin_mod
     from bench.leaderboard import build, collect
-    from bench.models import ALIASES, resolve
+    from bench.models import ALIASES
     from bench.results import ResultStore
     from bench.runner import GridRequest, Runner, plan
 
@@ -107,18 +107,29 @@ def cmd_run(args) -> int:
     with store.lock():
         meta = store.meta()
         planned = sorted(set(meta.get("planned", [])) | {c.key for c in cells})
-        store.write_meta({**meta, "planned": planned, "last_command": " ".join(["bench", *sys.argv[1:]]),
-                          "created": meta.get("created", datetime.now().isoformat(timespec="seconds"))})
+        store.write_meta(
+            {
+                **meta,
+                "planned": planned,
+                "last_command": " ".join(["bench", *sys.argv[1:]]),
+                "created": meta.get("created", datetime.now().isoformat(timespec="seconds")),
+            }
+        )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = Runner(plugins, store, resolved, device).run(cells, force=args.force, retry_failed_only=args.retry_failed)
+        counts = Runner(plugins, store, resolved, device).run(
+            cells, force=args.force, retry_failed_only=args.retry_failed
+        )
         ok, failed = collect([str(out)])
         board = build(ok, failed, [str(out)])
         for fmt in RUN_FORMATS:
             text = plugins.reporters.get(fmt)(board, out / f"leaderboard.{fmt}")
             if fmt == "md":
                 print(text)
-    print(f"cells: {counts['planned']} planned, {counts['skipped']} skipped (done), {counts['ok']} ok, "
-          f"{counts['failed']} failed; leaderboard in {out}/leaderboard.{{{','.join(RUN_FORMATS)}}}", file=sys.stderr)
+    print(
+        f"cells: {counts['planned']} planned, {counts['skipped']} skipped (done), {counts['ok']} ok, "
+        f"{counts['failed']} failed; leaderboard in {out}/leaderboard.{{{','.join(RUN_FORMATS)}}}",
+        file=sys.stderr,
+    )
     return 1 if counts["failed"] else 0
 
 
@@ -208,8 +219,10 @@ def cmd_show(args) -> int:
     ok = [k for k, r in latest.items() if r["status"] == "ok"]
     failed = [r for r in latest.values() if r["status"] != "ok"]
     pending = [k for k in planned if k not in latest]
-    print(f"{args.run_dir}: {len(planned) or len(latest)} planned, {len(ok)} done, {len(failed)} failed, "
-          f"{len(pending)} pending")
+    print(
+        f"{args.run_dir}: {len(planned) or len(latest)} planned, {len(ok)} done, {len(failed)} failed, "
+        f"{len(pending)} pending"
+    )
     for row in failed:
         print(f"  failed  {row['key']}: {row.get('error')}")
     for key in pending:
@@ -231,26 +244,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="run every method x bit-width x task x seed cell (resumes a run dir)",
+        "run",
+        help="run every method x bit-width x task x seed cell (resumes a run dir)",
         description="Run the grid methods x bits x tasks x seeds on one model. Each cell appends a row to "
         "RUN_DIR/results.jsonl; cells already done are skipped, so re-running resumes. An FP32 reference cell "
         "is added per task and seed. Prints the leaderboard at the end.",
     )
     run.add_argument("--methods", default="rtn", help="comma list of methods (see `bench list methods`); default rtn")
     run.add_argument("--bits", default="4,8", help="comma list of weight bit-widths, integers 2..8; default 4,8")
-    run.add_argument("--act-bits", default=None,
-                     help="activation bits (2..8); default: weights only, activations stay float (shown as A32)")
-    run.add_argument("--tasks", default=None, help="comma list of tasks (see `bench list tasks`); default sst2 "
-                     "for encoders, wikitext2 for decoders")
+    run.add_argument(
+        "--act-bits",
+        default=None,
+        help="activation bits (2..8); default: weights only, activations stay float (shown as A32)",
+    )
+    run.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list of tasks (see `bench list tasks`); default sst2 for encoders, wikitext2 for decoders",
+    )
     run.add_argument("--seeds", default="0", help="comma list of seeds; default 0")
-    run.add_argument("--model", default="minilm",
-                     help="minilm (default, embedded MiniLM-L6 encoder), bert-tiny, smollm2-135m, a hub id or a local dir")
-    run.add_argument("--granularity", default="per-channel",
-                     help="weight scale granularity: per-tensor, per-channel (default) or per-group")
+    run.add_argument(
+        "--model",
+        default="minilm",
+        help="minilm (default, embedded MiniLM-L6 encoder), bert-tiny, smollm2-135m, a hub id or a local dir",
+    )
+    run.add_argument(
+        "--granularity",
+        default="per-channel",
+        help="weight scale granularity: per-tensor, per-channel (default) or per-group",
+    )
     run.add_argument("--group-size", type=int, default=128, help="group size for per-group; default 128")
     run.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (default symmetric)")
-    run.add_argument("--set", action="append", metavar="SCOPE.FIELD=VALUE",
-                     help="override a method setting (rtn.x=1) or the FP fine-tune recipe (finetune.lr=5e-5); repeatable")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="SCOPE.FIELD=VALUE",
+        help="override a method setting (rtn.x=1) or the FP fine-tune recipe (finetune.lr=5e-5); repeatable",
+    )
     run.add_argument("--limit", type=int, default=None, help="cap evaluation examples (quick runs)")
     out = run.add_mutually_exclusive_group()
     out.add_argument("--out", default=None, help="run dir; default results/<--name or timestamp>")
@@ -261,27 +291,44 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     run.set_defaults(func=cmd_run)
 
-    lst = sub.add_parser("list", help="list registered methods, tasks, metrics or reporters",
-                         description="List what the installed plugins registered, and which plugin provided each.")
+    lst = sub.add_parser(
+        "list",
+        help="list registered methods, tasks, metrics or reporters",
+        description="List what the installed plugins registered, and which plugin provided each.",
+    )
     lst.add_argument("kind", help="methods, tasks, metrics or reporters")
     lst.set_defaults(func=cmd_list)
 
-    plg = sub.add_parser("plugins", help="list plugins, their versions and what they registered",
-                         description="Every plugin found in the 'bench' entry-point group, built-in or outside.")
+    plg = sub.add_parser(
+        "plugins",
+        help="list plugins, their versions and what they registered",
+        description="Every plugin found in the 'bench' entry-point group, built-in or outside.",
+    )
     plg.add_argument("--json", action="store_true", help="machine-readable output")
     plg.set_defaults(func=cmd_plugins)
 
-    lb = sub.add_parser("leaderboard", help="render the leaderboard of one or more run dirs",
-                        description="Merge the results of RUN_DIRs (default: the newest under results/) into one "
-                        "table: a row per method, columns per bit-width x task.")
-    lb.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    lb = sub.add_parser(
+        "leaderboard",
+        help="render the leaderboard of one or more run dirs",
+        description="Merge the results of RUN_DIRs (default: the newest under results/) into one "
+        "table: a row per method, columns per bit-width x task.",
+    )
+    lb.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="directories written by `bench run`; rows of the same cell: the newest wins",
+    )
     lb.add_argument("--format", default="md", help="md, csv, json, html, or a format an installed plugin adds")
     lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
     lb.set_defaults(func=cmd_leaderboard)
 
-    show = sub.add_parser("show", help="cells done / failed / pending of a run dir",
-                          description="Status of a run: which cells are done, failed or still pending.")
-    show.add_argument("run_dir", metavar="RUN_DIR")
+    show = sub.add_parser(
+        "show",
+        help="cells done / failed / pending of a run dir",
+        description="Status of a run: which cells are done, failed or still pending.",
+    )
+    show.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `bench run` (results/NAME)")
     show.set_defaults(func=cmd_show)
     return parser
 

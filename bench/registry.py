@@ -41,7 +41,7 @@ class Registry:
             owner = self._owner(key)
             if owner is not None:
                 raise DuplicateNameError(
-                    f"{self.kind} '{key}' is registered by two plugins: {owner.provider} and {provider}"
+                    f"{self.kind.rstrip('s')} '{key}' is registered by two plugins: {owner.provider} and {provider}"
                 )
         self._entries[name] = Entry(name, obj, provider, tuple(aliases), dict(meta))
         for alias in aliases:

@@ -21,7 +21,9 @@ def _flat(board: Leaderboard):
 
 def render_md(board: Leaderboard, path: Path) -> str:
     lines = ["# quantbench leaderboard", ""]
-    lines.append(_flat(board).to_markdown(index=False, disable_numparse=True) if not board.table.empty else "_no finished cells_")
+    lines.append(
+        _flat(board).to_markdown(index=False, disable_numparse=True) if not board.table.empty else "_no finished cells_"
+    )
     lines += ["", *(f"- {note}" for note in board.notes), "", "<sub>"]
     lines.append(" · ".join(f"{k}: {v}" for k, v in board.provenance.items()))
     lines.append("</sub>")
@@ -49,7 +51,9 @@ def render_json(board: Leaderboard, path: Path) -> str:
             if mean == mean:  # not NaN
                 std = board.stds.iat[i, j]
                 cells.setdefault(bits, {})[task] = {
-                    "mean": float(mean), "std": None if std != std else float(std), "n": int(board.counts.iat[i, j])
+                    "mean": float(mean),
+                    "std": None if std != std else float(std),
+                    "n": int(board.counts.iat[i, j]),
                 }
         entries.append({"method": method, "data_used": data, "scores": cells})
     text = json.dumps({"leaderboard": entries, "notes": board.notes, "provenance": board.provenance}, indent=2)
@@ -58,7 +62,9 @@ def render_json(board: Leaderboard, path: Path) -> str:
 
 
 def render_html(board: Leaderboard, path: Path) -> str:
-    table = board.table.to_html(classes="leaderboard", border=0) if not board.table.empty else "<p>no finished cells</p>"
+    table = (
+        board.table.to_html(classes="leaderboard", border=0) if not board.table.empty else "<p>no finished cells</p>"
+    )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in board.notes)
     footer = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in board.provenance.items())
     page = f"""<!doctype html>
@@ -67,7 +73,8 @@ def render_html(board: Leaderboard, path: Path) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
 table.leaderboard {{ border-collapse: collapse; }}
 table.leaderboard th, table.leaderboard td {{ padding: .3rem .7rem; border-bottom: 1px solid #ddd; text-align: right; }}
-footer {{ margin-top: 2rem; font-size: .8rem; color: #666; }} dt {{ font-weight: bold; }} dd {{ margin: 0 0 .3rem 1rem; }}
+footer {{ margin-top: 2rem; font-size: .8rem; color: #666; }}
+dt {{ font-weight: bold; }} dd {{ margin: 0 0 .3rem 1rem; }}
 </style></head><body>
 <h1>quantbench leaderboard</h1>
 {table}

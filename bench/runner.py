@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bench import models, provenance
 from bench.api import MethodContext, QuantSpec, apply_overrides
-from bench.errors import BenchError, PluginError, unknown
+from bench.errors import PluginError, unknown
 from bench.plugins import Plugins
 from bench.quant import DEFAULT_KEEP_FP, summarize
 from bench.results import ResultStore
@@ -63,13 +63,19 @@ class Cell:
     @property
     def key(self) -> str:
         """The resume key: every input that changes the result, in a readable form."""
-        grid = "fp" if self.spec is None else (
-            f"{self.bits_label}|{self.spec.granularity}"
-            + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
-            + ("|sym" if self.spec.symmetric else "|asym")
+        grid = (
+            "fp"
+            if self.spec is None
+            else (
+                f"{self.bits_label}|{self.spec.granularity}"
+                + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
+                + ("|sym" if self.spec.symmetric else "|asym")
+            )
         )
-        return (f"{self.method}|cfg={self.config_hash}|{grid}|{self.task}|{self.model}|seed={self.seed}"
-                f"|ft={_hash(self.recipe)}|limit={self.limit}")
+        return (
+            f"{self.method}|cfg={self.config_hash}|{grid}|{self.task}|{self.model}|seed={self.seed}"
+            f"|ft={_hash(self.recipe)}|limit={self.limit}"
+        )
 
 
 @dataclass
@@ -110,8 +116,7 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     }
     resolved = models.resolve(request.model)
     specs = [
-        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric)
-        for b in request.bits
+        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric) for b in request.bits
     ]
     cells = []
     for task in tasks:
@@ -194,7 +199,11 @@ class Runner:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
             context = MethodContext(
-                task=task, tokenizer=tokenizer, seed=cell.seed, device=self.device, keep_fp=DEFAULT_KEEP_FP,
+                task=task,
+                tokenizer=tokenizer,
+                seed=cell.seed,
+                device=self.device,
+                keep_fp=DEFAULT_KEEP_FP,
                 # Zero-shot methods get no task data at all: they cannot use it by accident.
                 task_data=data if method.data_used != "none" else None,
             )
@@ -213,11 +222,24 @@ class Runner:
             return self._row(cell, task_entry, method_entry, started=started, t0=t0, error=exc, data=data)
         row = self._row(cell, task_entry, method_entry, started=started, t0=t0, data=data)
         row.update(
-            status="ok", metrics=metrics, score=metrics[task.primary_metric], eval_examples=len(refs),
-            data_used=method.data_used, quantized=summarize(model), finetune=ft_info,
+            status="ok",
+            metrics=metrics,
+            score=metrics[task.primary_metric],
+            eval_examples=len(refs),
+            data_used=method.data_used,
+            quantized=summarize(model),
+            finetune=ft_info,
         )
-        log.info("%s %s %s seed %d: %s=%.4f (%.1f s)", cell.method, cell.bits_label, cell.task, cell.seed,
-                 task.primary_metric, row["score"], row["wall_time_s"])
+        log.info(
+            "%s %s %s seed %d: %s=%.4f (%.1f s)",
+            cell.method,
+            cell.bits_label,
+            cell.task,
+            cell.seed,
+            task.primary_metric,
+            row["score"],
+            row["wall_time_s"],
+        )
         return row
 
     def _row(self, cell, task_entry, method_entry, *, started, t0=None, error=None, data=None) -> dict:

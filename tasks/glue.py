@@ -58,9 +58,16 @@ def _rotten_tomatoes() -> TaskData:
     rng = np.random.default_rng(RT_SPLIT_SEED)
     held_out = set(rng.permutation(movies)[: math.ceil(RT_VALIDATION_FRACTION * len(movies))])
     is_val = frame.movie_name.isin(held_out)
+    # Shuffle once (fixed seed) so that --limit N evaluates a sample of many movies, not the first few.
+    frame = frame.iloc[rng.permutation(len(frame))]
+    is_val = is_val.loc[frame.index]
 
     def split(part):
-        return {"sentence": part.text.astype(str).tolist(), "label": (part.category == "fresh").astype(int).tolist()}
+        return {
+            "sentence": part.text.astype(str).tolist(),
+            "label": (part.category == "fresh").astype(int).tolist(),
+            "movie": part.movie_name.tolist(),
+        }
 
     version = hub.dist_version(RT_PACKAGE)
     source = f"offline:rotten-tomatoes ({RT_PACKAGE}=={version}, split by movie, seed {RT_SPLIT_SEED})"
@@ -88,8 +95,9 @@ class GlueTask(Task):
             except Exception as exc:
                 if self.offline_loader is None:
                     raise BenchError(f"cannot load {self.name} from the hub: {exc}") from exc
-                warnings.warn(f"{self.name}: hub unavailable ({type(exc).__name__}); using the offline twin",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{self.name}: hub unavailable ({type(exc).__name__}); using the offline twin", stacklevel=2
+                )
         if self.offline_loader is None:
             raise BenchError(f"{self.name} has no offline source; it needs the hub ({self.hub_path})")
         return self.offline_loader()
@@ -130,8 +138,15 @@ class GlueTask(Task):
             return F.cross_entropy(logits, labels)
 
         return train_loop(
-            model, batches, loss_fn, epochs=recipe.epochs, steps_per_epoch=steps, lr=recipe.lr,
-            weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio, desc=f"fine-tune {self.name}",
+            model,
+            batches,
+            loss_fn,
+            epochs=recipe.epochs,
+            steps_per_epoch=steps,
+            lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
+            warmup_ratio=recipe.warmup_ratio,
+            desc=f"fine-tune {self.name}",
         )
 
     @torch.no_grad()

@@ -1,0 +1,64 @@
+"""Bad input: one line naming the bad value (and the choices), exit code 2, nothing written."""
+
+import pytest
+
+from bench.cli import main
+
+BAD_RUNS = [
+    (["--methods", "rtm"], "unknown method 'rtm' (did you mean 'rtn'?); choose from: fp32, rtn"),
+    (["--tasks", "sst3"], "unknown task 'sst3' (did you mean 'sst2'?)"),
+    (["--model", "minilx"], "unknown model 'minilx' (did you mean 'minilm'?)"),
+    (["--bits", "0"], "--bits: 0 is out of range; choose from 2..8"),
+    (["--bits", "1"], "--bits: 1 is out of range; choose from 2..8"),
+    (["--bits", "9"], "--bits: 9 is out of range; choose from 2..8"),
+    (["--bits", "-4"], "--bits: -4 is out of range; choose from 2..8"),
+    (["--bits", "x"], "--bits: 'x' is not an integer; choose from 2..8"),
+    (["--bits", "4,"], "--bits '4,': empty item in the comma list"),
+    (["--bits", "4,4"], "--bits '4,4': '4' is listed twice"),
+    (["--bits", "4.5"], "--bits: '4.5' is not an integer"),
+    (["--methods", "rtn,rtn"], "--methods 'rtn,rtn': 'rtn' is listed twice"),
+    (["--act-bits", "16"], "--act-bits: 16 is out of range; choose from 2..8"),
+    (["--granularity", "per-chanel"], "unknown granularity 'per-chanel' (did you mean 'per-channel'?)"),
+    (["--set", "rtn.foo=1"], "unknown setting of 'rtn' 'foo'"),
+    (["--set", "finetune.epochs=two"], "finetune.epochs='two': expected int"),
+    (["--set", "finetune.lrr=1"], "unknown setting of 'finetune' 'lrr' (did you mean 'lr'?)"),
+    (["--set", "gptq.damp=1"], "unknown --set scope 'gptq'; choose from: finetune, rtn"),
+    (["--set", "nonsense"], "--set 'nonsense': expected METHOD.FIELD=VALUE"),
+    (["--limit", "0"], "--limit 0: must be a positive number of examples"),
+    (["--model", "org/some-model"], "model 'org/some-model' is a hub id but the hub is off"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_RUNS, ids=[" ".join(a) for a, _ in BAD_RUNS])
+def test_bad_run_input(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == err.splitlines()[0], f"not one line: {err!r}"
+    assert message in err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["list", "metric"], "unknown kind 'metric' (did you mean 'metrics'?)"),
+        (["leaderboard", "{tmp}", "--format", "mdd"], "unknown reporter 'mdd' (did you mean 'md'?)"),
+        (["leaderboard", "{tmp}/nope"], "does not exist"),
+        (["leaderboard", "{tmp}"], "is not a quantbench run dir"),
+        (["show", "{tmp}"], "is not a quantbench run dir"),
+    ],
+)
+def test_bad_other_input(argv, message, tmp_path, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_help_explains_each_command(capsys):
+    for cmd in ("run", "list", "plugins", "leaderboard", "show"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([cmd, "--help"])
+        assert exit_info.value.code == 0
+        assert len(capsys.readouterr().out) > 200

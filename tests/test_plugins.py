@@ -1,0 +1,100 @@
+"""Plugin loading through real entry points, clashes, broken plugins, provenance."""
+
+import sys
+import textwrap
+import types
+
+import pytest
+
+from bench import hookimpl, plugins
+from bench.api import Method
+from bench.errors import DuplicateNameError, PluginError, UnknownNameError
+from bench.registry import Provider, Registry
+
+
+def _module(name, **hooks):
+    mod = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(mod, hook_name, hookimpl(fn))
+    return mod
+
+
+class Dummy(Method):
+    pass
+
+
+def test_builtins_arrive_through_entry_points():
+    loaded = plugins.load()
+    assert {"fp32", "rtn"} <= set(loaded.methods.names())
+    assert "sst2" in loaded.tasks.names()
+    assert {"md", "csv", "json", "html"} <= set(loaded.reporters.names())
+    entry = loaded.methods.entry("rtn")
+    assert entry.provider.plugin == "rtn" and entry.provider.dist == "quantbench"
+
+
+def test_duplicate_name_names_both_plugins():
+    def reg_a(register):
+        register("rtn", Dummy)
+
+    with pytest.raises(DuplicateNameError, match=r"rtn.*rtn \(quantbench.*clashing"):
+        plugins.load(extra=[("clashing", _module("clashing", register_methods=reg_a))])
+
+
+def test_alias_clash_is_a_duplicate_too():
+    registry = Registry("methods")
+    registry.add("a", Dummy, Provider("p1", "d1", "1"), aliases=("x",))
+    with pytest.raises(DuplicateNameError, match="p1.*p2"):
+        registry.add("x", Dummy, Provider("p2", "d2", "2"))
+
+
+def test_unknown_name_did_you_mean():
+    registry = Registry("methods")
+    registry.add("gptq", Dummy, Provider("p", "d", "1"))
+    with pytest.raises(UnknownNameError, match=r"unknown method 'gtpq' \(did you mean 'gptq'\?\); choose from: gptq"):
+        registry.get("gtpq")
+    assert registry.get("GPTQ") is Dummy
+
+
+def _fake_dist(tmp_path, monkeypatch, module_source: str):
+    """A real installed distribution (dist-info + entry point) whose module is ``module_source``."""
+    (tmp_path / "brokenplug.py").write_text(textwrap.dedent(module_source))
+    info = tmp_path / "brokenplug-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[bench]\nbrokenplug = brokenplug\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("brokenplug", None)
+
+
+def test_plugin_failing_to_import_is_named_and_skipped(tmp_path, monkeypatch):
+    _fake_dist(tmp_path, monkeypatch, "raise ImportError('needs libfoo')\n")
+    monkeypatch.delenv("BENCH_STRICT", raising=False)
+    with pytest.warns(UserWarning, match=r"plugin 'brokenplug' \(brokenplug 0.3\) failed to import.*libfoo"):
+        loaded = plugins.load()
+    assert "rtn" in loaded.methods  # the others still load
+    info = next(i for i in loaded.infos if i.name == "brokenplug")
+    assert "libfoo" in info.error
+
+
+def test_strict_mode_makes_a_broken_plugin_fatal(tmp_path, monkeypatch):
+    _fake_dist(tmp_path, monkeypatch, "raise ImportError('needs libfoo')\n")
+    monkeypatch.setenv("BENCH_STRICT", "1")
+    with pytest.raises(PluginError, match="brokenplug.*libfoo.*BENCH_STRICT"):
+        plugins.load()
+
+
+def test_plugin_raising_during_registration_is_named(tmp_path, monkeypatch):
+    _fake_dist(
+        tmp_path,
+        monkeypatch,
+        """
+        from bench import hookimpl
+
+        @hookimpl
+        def register_methods(register):
+            raise RuntimeError("boom in registration")
+    """,
+    )
+    monkeypatch.delenv("BENCH_STRICT", raising=False)
+    with pytest.warns(UserWarning, match="brokenplug.*register methods.*boom"):
+        plugins.load()

@@ -1,0 +1,145 @@
+"""bench.quant against torch's own fake-quantization ops and direct formulas."""
+
+import pytest
+import torch
+from torch import nn
+
+from bench.api import QuantSpec
+from bench.quant import QuantLinear, fake_quantize, int_range, minmax_qparams, quantize_model, summarize
+from bench.quant.uniform import group_view
+
+BITS = [2, 3, 4, 8]
+
+
+def _weight(rows=16, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[0] *= 10  # one outlier row: per-channel must not share its scale with the others
+    w[3] = w[3].abs()  # an all-positive row: the asymmetric range must still contain 0
+    return w
+
+
+def _torch_reference(w, bits, symmetric):
+    """Scales/zero points by the formula, then torch.fake_quantize_per_channel_affine does the rounding."""
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = w.abs().amax(1) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = qmin - torch.round(lo / scale)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero.to(torch.int32), 0, qmin, qmax)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_matches_torch(bits, symmetric):
+    w = _weight()
+    ours = fake_quantize(w, bits, symmetric=symmetric, granularity="per-channel")
+    torch.testing.assert_close(ours, _torch_reference(w, bits, symmetric), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_tensor_matches_torch(bits, symmetric):
+    w = _weight()
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale, zero = w.abs().max().item() / qmax, 0
+    else:
+        lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = int(qmin - round(lo / scale))
+    ref = torch.fake_quantize_per_tensor_affine(w, scale, zero, qmin, qmax)
+    ours = fake_quantize(w, bits, symmetric=symmetric, granularity="per-tensor")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("cols,group", [(64, 16), (576, 128), (40, 16)])
+def test_per_group_equals_per_channel_of_each_group(symmetric, cols, group):
+    """Groups along the input dim, ragged last group included (576 = 4*128 + 64)."""
+    w = _weight(cols=cols)
+    ours = fake_quantize(w, 4, symmetric=symmetric, granularity="per-group", group_size=group)
+    expected = torch.cat([_torch_reference(w[:, s : s + group], 4, symmetric) for s in range(0, cols, group)], dim=1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_grid_size_and_exact_points(bits):
+    w = _weight()
+    for symmetric in (True, False):
+        out = fake_quantize(w, bits, symmetric=symmetric)
+        qp = minmax_qparams(group_view(w, "per-channel", 0), bits, symmetric)
+        codes = out / qp.scale + qp.zero_point
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the integer grid
+        assert max(len(torch.unique(row)) for row in out) <= 2**bits
+    sym = fake_quantize(w, bits, symmetric=True)
+    torch.testing.assert_close(sym.abs().amax(1), w.abs().amax(1))  # absmax is represented exactly
+
+
+def test_quantization_error_shrinks_with_bits():
+    w = _weight()
+    errors = [(fake_quantize(w, b) - w).pow(2).mean().item() for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3
+
+
+def test_straight_through_estimator_passes_gradient_unchanged():
+    w = _weight().requires_grad_()
+    upstream = torch.randn_like(w)
+    (fake_quantize(w, 2) * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, upstream)
+
+
+def test_bits_outside_range_rejected():
+    with pytest.raises(ValueError, match="2..8"):
+        int_range(1, True)
+    with pytest.raises(ValueError):
+        int_range(9, False)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.classifier = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def test_quantize_model_swaps_linears_and_keeps_head():
+    torch.manual_seed(0)
+    model = _Toy()
+    x = torch.randn(4, 8)
+    before = model(x)
+    w0 = model.encoder[0].weight.detach().clone()
+    quantize_model(model, QuantSpec(4))
+    assert isinstance(model.encoder[0], QuantLinear) and isinstance(model.encoder[2], QuantLinear)
+    assert type(model.classifier) is nn.Linear
+    assert summarize(model) == {"quantized_linears": 2, "kept_fp": ["classifier"]}
+    # the float weight is kept (for QAT / GPTQ to edit); the forward uses its fake-quantized copy
+    torch.testing.assert_close(model.encoder[0].weight, w0)
+    torch.testing.assert_close(model.encoder[0].quantized_weight(), fake_quantize(w0, 4))
+    after = model(x)
+    assert not torch.allclose(before, after)
+    manual = nn.functional.linear(
+        nn.functional.gelu(nn.functional.linear(x, fake_quantize(w0, 4), model.encoder[0].bias)),
+        fake_quantize(model.encoder[2].weight, 4),
+        model.encoder[2].bias,
+    )
+    torch.testing.assert_close(after, model.classifier(manual))
+
+
+def test_activation_quantization_is_per_token():
+    torch.manual_seed(0)
+    model = _Toy()
+    quantize_model(model, QuantSpec(8, a_bits=8))
+    layer = model.encoder[0]
+    x = torch.randn(3, 5, 8)
+    x[0, 0] *= 100  # an outlier token must not coarsen the other tokens' grid
+    xq = layer.act_quantizer(x)
+    per_token = torch.stack([fake_quantize(t.unsqueeze(0), 8, symmetric=False)[0] for t in x.reshape(-1, 8)])
+    torch.testing.assert_close(xq.reshape(-1, 8), per_token)
+    assert QuantSpec(4, 8).label() == "W4A8" and QuantSpec(4).label() == "W4A32"
