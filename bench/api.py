@@ -32,6 +32,8 @@ class QuantSpec:
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise unknown("granularity", self.granularity, GRANULARITIES)
+        if self.group_size < 1:
+            raise BenchError(f"group size {self.group_size}: must be a positive number of input columns")
 
     def label(self, float_bits: int = 32) -> str:
         """'W4A8', or 'W4A32' when activations are left in float32 (weights-only quantization)."""
@@ -92,7 +94,15 @@ class Task:
         """Return a ``TaskData`` with the splits and the name of the source actually used."""
         raise NotImplementedError
 
-    def predict(self, model, tokenizer, data, *, limit: int | None = None, device: str = "cpu"):
+    def load_model(self, model):  # pragma: no cover - interface
+        """``(model, tokenizer)`` for a ``bench.models.ResolvedModel``, with this task's head."""
+        raise NotImplementedError
+
+    def finetune(self, model, tokenizer, data, recipe, seed: int, device: str = "cpu"):  # pragma: no cover
+        """Train the FP reference in place (tasks with ``needs_finetune``); returns the step losses."""
+        raise NotImplementedError
+
+    def predict(self, model, tokenizer, data, *, limit: int | None = None, device: str = "cpu", recipe=None):
         """Return ``(predictions, references)`` on the evaluation split."""
         raise NotImplementedError  # pragma: no cover - interface
 

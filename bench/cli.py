@@ -78,15 +78,20 @@ def cmd_run(args) -> int:
     from bench.runner import GridRequest, Runner, plan
 
     plugins = plugin_mod.default()
-    model_kind = ALIASES.get(args.model.lower()).kind if args.model.lower() in ALIASES else None
-    default_task = "wikitext2" if model_kind == "decoder" else "sst2"
+    alias = ALIASES.get(args.model.lower())
+    default_task = "wikitext2" if alias and alias.kind == "decoder" else "sst2"
+    act_bits = int_list(args.act_bits, "--act-bits", BITS_CHOICES) if args.act_bits else [None]
+    if len(act_bits) > 1:
+        raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
+    if args.limit is not None and args.limit < 1:
+        raise BenchError(f"--limit {args.limit}: must be a positive number of examples")
     request = GridRequest(
         methods=comma_list(args.methods, "--methods"),
         bits=int_list(args.bits, "--bits", BITS_CHOICES),
         tasks=comma_list(args.tasks or default_task, "--tasks"),
         seeds=int_list(args.seeds, "--seeds"),
         model=args.model,
-        act_bits=int_list(args.act_bits, "--act-bits", BITS_CHOICES)[0] if args.act_bits else None,
+        act_bits=act_bits[0],
         granularity=args.granularity,
         group_size=args.group_size,
         symmetric=not args.asymmetric,
@@ -94,10 +99,6 @@ def cmd_run(args) -> int:
         limit=args.limit,
         reference=not args.no_reference,
     )
-    if args.act_bits and len(comma_list(args.act_bits, "--act-bits")) > 1:
-        raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
-    if args.limit is not None and args.limit < 1:
-        raise BenchError(f"--limit {args.limit}: must be a positive number of examples")
     cells, resolved = plan(request, plugins)
     out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     store = ResultStore(out)

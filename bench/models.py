@@ -145,7 +145,9 @@ def finetune_key(model: ResolvedModel, task_name: str, data_fingerprint: str, se
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def load_finetuned(model: ResolvedModel, task, data, seed: int, recipe) -> tuple[object, object, dict]:
+def load_finetuned(
+    model: ResolvedModel, task, data, seed: int, recipe, device: str = "cpu"
+) -> tuple[object, object, dict]:
     """The task-fine-tuned FP model for (model, task, data, seed, recipe): from cache, or trained once.
 
     The cache entry is written to a temporary directory and renamed into place, so a fine-tune killed
@@ -164,7 +166,7 @@ def load_finetuned(model: ResolvedModel, task, data, seed: int, recipe) -> tuple
         return net, tokenizer, {**info, "cached": True}
 
     net, tokenizer = task.load_model(model)
-    task.finetune(net, tokenizer, data, recipe, seed)
+    task.finetune(net.to(device), tokenizer, data, recipe, seed, device=device)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:

@@ -173,7 +173,9 @@ class Runner:
         try:
             data = self._load_data(task)
             if task.needs_finetune:
-                fp_model, tokenizer, ft_info = models.load_finetuned(self.resolved, task, data, first.seed, recipe)
+                fp_model, tokenizer, ft_info = models.load_finetuned(
+                    self.resolved, task, data, first.seed, recipe, device=self.device
+                )
             else:
                 fp_model, tokenizer = task.load_model(self.resolved)
                 ft_info = None

@@ -116,7 +116,9 @@ class GlueTask(Task):
         texts = [[split[k][i] for i in idx] for k in self.text_keys]
         return tokenizer(*texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
-    def finetune(self, model, tokenizer, data: TaskData, recipe: GlueRecipe, seed: int) -> list[float]:
+    def finetune(
+        self, model, tokenizer, data: TaskData, recipe: GlueRecipe, seed: int, device: str = "cpu"
+    ) -> list[float]:
         seed_everything(seed)
         train = data.splits["train"]
         n = len(train["label"])
@@ -130,7 +132,7 @@ class GlueTask(Task):
                 idx = order[start : start + recipe.batch_size]
                 enc = self._encode(tokenizer, train, idx, recipe.max_length)
                 enc["labels"] = torch.tensor([train["label"][i] for i in idx])
-                yield enc
+                yield enc.to(device)
 
         def loss_fn(net, batch):
             labels = batch.pop("labels")

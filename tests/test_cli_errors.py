@@ -24,6 +24,7 @@ BAD_RUNS = [
     (["--set", "finetune.lrr=1"], "unknown setting of 'finetune' 'lrr' (did you mean 'lr'?)"),
     (["--set", "gptq.damp=1"], "unknown --set scope 'gptq'; choose from: finetune, rtn"),
     (["--set", "nonsense"], "--set 'nonsense': expected METHOD.FIELD=VALUE"),
+    (["--granularity", "per-group", "--group-size", "0"], "group size 0: must be a positive number"),
     (["--limit", "0"], "--limit 0: must be a positive number of examples"),
     (["--model", "org/some-model"], "model 'org/some-model' is a hub id but the hub is off"),
 ]
