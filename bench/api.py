@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -58,6 +59,9 @@ class MethodContext:
     device: str = "cpu"
     keep_fp: tuple[str, ...] = ()  # module-name patterns that stay full precision (task head, lm_head)
     task_data: Any = None
+    # calibration(n) -> list of model-input batches built from n unlabeled task texts (None for data-free
+    # methods); same samples for every method of a cell's seed, so calibration-based methods compare fairly.
+    calibration: Callable[[int], list[dict]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +105,10 @@ class Task:
     def finetune(self, model, tokenizer, data, recipe, seed: int, device: str = "cpu"):  # pragma: no cover
         """Train the FP reference in place (tasks with ``needs_finetune``); returns the step losses."""
         raise NotImplementedError
+
+    def calibration_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
+        """``n`` unlabeled training inputs as model-input batches (no labels): PTQ calibration data."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def predict(self, model, tokenizer, data, *, limit: int | None = None, device: str = "cpu", recipe=None):
         """Return ``(predictions, references)`` on the evaluation split."""

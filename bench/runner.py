@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -200,6 +201,7 @@ class Runner:
         try:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
+            uses_data = method.data_used != "none"
             context = MethodContext(
                 task=task,
                 tokenizer=tokenizer,
@@ -207,7 +209,12 @@ class Runner:
                 device=self.device,
                 keep_fp=DEFAULT_KEEP_FP,
                 # Zero-shot methods get no task data at all: they cannot use it by accident.
-                task_data=data if method.data_used != "none" else None,
+                task_data=data if uses_data else None,
+                calibration=functools.partial(
+                    task.calibration_batches, tokenizer, data, seed=cell.seed, device=self.device, recipe=recipe
+                )
+                if uses_data
+                else None,
             )
             seed_everything(cell.seed)
             model = method.quantize(copy.deepcopy(fp_model), cell.spec, context)

@@ -151,6 +151,15 @@ class GlueTask(Task):
             desc=f"fine-tune {self.name}",
         )
 
+    def calibration_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
+        recipe = recipe or GlueRecipe()
+        train = data.splits["train"]
+        idx = np.random.default_rng(seed).permutation(len(train["label"]))[:n]
+        return [
+            self._encode(tokenizer, train, idx[start : start + recipe.eval_batch_size], recipe.max_length).to(device)
+            for start in range(0, len(idx), recipe.eval_batch_size)
+        ]
+
     @torch.no_grad()
     def predict(self, model, tokenizer, data: TaskData, *, limit=None, device="cpu", recipe=None):
         recipe = recipe or GlueRecipe()
