@@ -1,16 +1,33 @@
-"""RTN: round every weight to the nearest point of a min-max uniform grid. The PTQ floor every method must beat."""
+"""RTN: round every weight to the nearest point of a uniform grid. The PTQ floor every method must beat.
+
+The grid's range is a setting: ``minmax`` (no clipping), ``percentile`` (99.99th percentile) or ``mse``
+(GPTQ's shrink search minimizing the rounding error): ``--set rtn.clip=mse``.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 from bench import hookimpl
 from bench.api import Method
-from bench.quant import quantize_model
+from bench.quant import WeightQuantizer, freeze, quantize_model
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    clip: Literal["minmax", "percentile", "mse"] = "minmax"
 
 
 class RTN(Method):
-    description = "round-to-nearest, min-max range (post-training, data-free)"
+    description = "round-to-nearest (post-training, data-free); clip: minmax | percentile | mse"
     data_used = "none"
+    Config = RTNConfig
 
     def quantize(self, model, spec, context):
-        return quantize_model(model, spec, keep_fp=context.keep_fp)
+        model = quantize_model(
+            model, spec, keep_fp=context.keep_fp, weight_quantizer=partial(WeightQuantizer, clip=self.config.clip)
+        )
+        return freeze(model)
 
 
 @hookimpl

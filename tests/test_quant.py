@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bench.api import QuantSpec
-from bench.quant import QuantLinear, fake_quantize, int_range, minmax_qparams, quantize_model, summarize
+from bench.quant import QuantLinear, compute_qparams, fake_quantize, int_range, quantize_model, summarize
 from bench.quant.uniform import group_view
 
 BITS = [2, 3, 4, 8]
@@ -71,7 +71,7 @@ def test_grid_size_and_exact_points(bits):
     w = _weight()
     for symmetric in (True, False):
         out = fake_quantize(w, bits, symmetric=symmetric)
-        qp = minmax_qparams(group_view(w, "per-channel", 0), bits, symmetric)
+        qp = compute_qparams(group_view(w, "per-channel", 0), bits, symmetric)
         codes = out / qp.scale + qp.zero_point
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the integer grid
         assert max(len(torch.unique(row)) for row in out) <= 2**bits
@@ -143,3 +143,77 @@ def test_activation_quantization_is_per_token():
     per_token = torch.stack([fake_quantize(t.unsqueeze(0), 8, symmetric=False)[0] for t in x.reshape(-1, 8)])
     torch.testing.assert_close(xq.reshape(-1, 8), per_token)
     assert QuantSpec(4, 8).label() == "W4A8" and QuantSpec(4).label() == "W4A32"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_clip_matches_numpy_percentile(symmetric):
+    import numpy as np
+
+    w = torch.randn(8, 20000, generator=torch.Generator().manual_seed(1))
+    w[:, 0] = 50.0  # a single outlier per row: clipped away by the 99.99th percentile
+    qp = compute_qparams(w, 4, symmetric, "percentile")
+    qmin, qmax = int_range(4, symmetric)
+    x = w.double().numpy()
+    if symmetric:
+        hi = np.percentile(np.abs(x), 99.99, axis=1)
+        scale = hi / qmax
+    else:
+        lo = np.minimum(np.percentile(x, 0.01, axis=1), 0)
+        hi = np.maximum(np.percentile(x, 99.99, axis=1), 0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = qmin - lo / scale  # before rounding: float32 vs float64 may round a .5 tie differently
+        torch.testing.assert_close(qp.zero_point.squeeze(1).double(), torch.tensor(zero).round(), rtol=0, atol=1.0)
+    torch.testing.assert_close(qp.scale.squeeze(1).double(), torch.tensor(scale), rtol=5e-5, atol=0)
+    ours = fake_quantize(w, 4, symmetric=symmetric, clip="percentile")
+    ref = torch.fake_quantize_per_channel_affine(
+        w, qp.scale.squeeze(1), qp.zero_point.squeeze(1).to(torch.int32), 0, qmin, qmax
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert ours[:, 0].max() < 10  # the outlier was clipped
+
+
+def _brute_force_mse(row, bits, symmetric, grid=100, max_shrink=0.8, norm=2.4):
+    """The GPTQ reference search, written out for one row."""
+    qmin, qmax = int_range(bits, symmetric)
+    best, best_err = None, float("inf")
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        if symmetric:
+            hi = row.abs().max() * p
+            scale, zero = hi / qmax, 0.0
+        else:
+            lo, hi = min(row.min(), 0) * p, max(row.max(), 0) * p
+            scale = (hi - lo) / (qmax - qmin)
+            zero = qmin - torch.round(lo / scale)
+        q = (torch.clamp(torch.round(row / scale) + zero, qmin, qmax) - zero) * scale
+        err = (q - row).abs().pow(norm).sum().item()
+        if err < best_err:
+            best, best_err = q, err
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_clip_equals_brute_force_search(symmetric):
+    w = _weight(rows=6, cols=64)
+    ours = fake_quantize(w, 3, symmetric=symmetric, clip="mse")
+    expected = torch.stack([_brute_force_mse(row, 3, symmetric) for row in w])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    minmax_err = (fake_quantize(w, 3, symmetric=symmetric) - w).abs().pow(2.4).sum(1)
+    assert torch.all((ours - w).abs().pow(2.4).sum(1) <= minmax_err + 1e-6)
+
+
+def test_frozen_grid_survives_weight_edits():
+    from bench.quant import WeightQuantizer
+
+    w = _weight()
+    quantizer = WeightQuantizer(QuantSpec(4, granularity="per-group", group_size=16))
+    before = quantizer(w)
+    quantizer.freeze(w)
+    torch.testing.assert_close(quantizer(w), before)
+    edited = w * 0.5  # a method moves weights on a fixed grid: the scale must not follow them
+    qp = quantizer.qparams(edited)
+    assert torch.equal(qp.scale, quantizer.scale)
+    torch.testing.assert_close(
+        quantizer(edited), fake_quantize(edited, 4, granularity="per-group", group_size=16, qparams=qp)
+    )
+    assert not torch.allclose(quantizer(edited), fake_quantize(edited, 4, granularity="per-group", group_size=16))

@@ -5,10 +5,22 @@ from bench.quant.layers import (
     DynamicActQuantizer,
     QuantLinear,
     WeightQuantizer,
+    freeze,
     quantize_model,
     summarize,
 )
-from bench.quant.uniform import QParams, fake_quantize, group_view, int_range, minmax_qparams
+from bench.quant.uniform import (
+    CLIPS,
+    QParams,
+    compute_qparams,
+    dequantize_int,
+    fake_quantize,
+    group_view,
+    int_range,
+    quantize_int,
+    range_qparams,
+    ungroup,
+)
 
 __all__ = [
     "DEFAULT_KEEP_FP",
@@ -19,7 +31,13 @@ __all__ = [
     "fake_quantize",
     "group_view",
     "int_range",
-    "minmax_qparams",
+    "CLIPS",
+    "compute_qparams",
+    "dequantize_int",
+    "quantize_int",
+    "range_qparams",
+    "ungroup",
+    "freeze",
     "quantize_model",
     "summarize",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench.api import QuantSpec
-from bench.quant.uniform import fake_quantize
+from bench.quant.uniform import CLIPS, QParams, compute_qparams, fake_quantize, group_view, int_range
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +24,55 @@ DEFAULT_KEEP_FP = ("classifier", "classifier.*", "score", "lm_head", "qa_outputs
 
 
 class WeightQuantizer(nn.Module):
-    """Min-max uniform fake-quantizer for a weight, per the cell's ``QuantSpec``."""
+    """Uniform fake-quantizer for a weight, per the cell's ``QuantSpec``.
 
-    def __init__(self, spec: QuantSpec):
+    Until frozen, the grid follows the weight (``clip`` picks the range); ``freeze`` stores scale and
+    zero point as buffers, so methods that edit weights on a fixed grid (GPTQ, AWQ) and the exporter all
+    see one grid, and evaluation does not recompute ranges every forward.
+    """
+
+    def __init__(self, spec: QuantSpec, clip: str = "minmax"):
         super().__init__()
+        if clip not in CLIPS:
+            raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
         self.bits = spec.w_bits
         self.symmetric = spec.symmetric
         self.granularity = spec.granularity
         self.group_size = spec.group_size
+        self.clip = clip
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    @property
+    def frozen(self) -> bool:
+        return self.scale is not None
+
+    def qparams(self, w: torch.Tensor) -> QParams:
+        """The grid for ``w`` (per row of its grouped view): the frozen one, or computed from ``w``."""
+        if self.frozen:
+            return QParams(self.scale, self.zero_point, *int_range(self.bits, self.symmetric))
+        grouped = group_view(w, self.granularity, self.group_size)
+        return compute_qparams(grouped, self.bits, self.symmetric, self.clip)
+
+    def freeze(self, w: torch.Tensor, qparams: QParams | None = None) -> None:
+        qp = qparams if qparams is not None else self.qparams(w)
+        self.scale, self.zero_point = qp.scale.detach().clone(), qp.zero_point.detach().clone()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(
-            w, self.bits, symmetric=self.symmetric, granularity=self.granularity, group_size=self.group_size
+            w,
+            self.bits,
+            symmetric=self.symmetric,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            clip=self.clip,
+            qparams=self.qparams(w) if self.frozen else None,
         )
 
     def extra_repr(self) -> str:
         sym = "sym" if self.symmetric else "asym"
-        return f"bits={self.bits}, {sym}, {self.granularity}, group_size={self.group_size}"
+        frozen = ", frozen" if self.frozen else ""
+        return f"bits={self.bits}, {sym}, {self.granularity}, group_size={self.group_size}, clip={self.clip}{frozen}"
 
 
 class DynamicActQuantizer(nn.Module):
@@ -102,6 +134,14 @@ def quantize_model(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(module, weight_quantizer(spec), act))
     log.debug("quantized model: %s", summarize(model))
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Fix the grid of every not-yet-frozen ``QuantLinear`` at its current weight (end of a PTQ method)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and not module.weight_quantizer.frozen:
+            module.weight_quantizer.freeze(module.weight)
     return model
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 EPS = 1e-8
+CLIPS = ("minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,69 @@ def ungroup(grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(like.shape[0], -1)[:, : like[0].numel()].reshape(like.shape)
 
 
-def minmax_qparams(grouped: torch.Tensor, bits: int, symmetric: bool) -> QParams:
-    """Scale and zero point per row of ``grouped`` from its min and max."""
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> QParams:
+    """Grid covering [lo, hi] per row (symmetric: [-hi, hi] with ``hi`` the clipped max |w|)."""
     qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = (hi / qmax).clamp_min(EPS)
+        return QParams(scale, torch.zeros_like(scale), qmin, qmax)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return QParams(scale, zero, qmin, qmax)
+
+
+def compute_qparams(
+    grouped: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    clip: str = "minmax",
+    *,
+    percentile: float = 99.99,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> QParams:
+    """Scale and zero point per row of ``grouped``, with the row's range chosen by ``clip``.
+
+    - ``minmax``: the full range (nothing clipped);
+    - ``percentile``: the ``percentile``-th percentile of |w| (symmetric) or of w and its mirror (asymmetric);
+    - ``mse``: GPTQ's search -- shrink the min-max range by 1 - i/grid for i < max_shrink*grid and keep,
+      per row, the range with the least sum |w - q(w)|^norm (norm 2.4 as in the GPTQ reference code).
+    """
+    if clip not in CLIPS:
+        raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
     g = grouped.detach()
     if symmetric:
-        scale = (g.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(EPS)
-        zero = torch.zeros_like(scale)
+        hi = g.abs().amax(dim=1, keepdim=True)
+        if clip == "percentile":
+            hi = torch.quantile(g.abs().float(), percentile / 100, dim=1, keepdim=True).to(g.dtype)
+        lo = -hi
     else:
-        lo = g.amin(dim=1, keepdim=True).clamp_max(0)
-        hi = g.amax(dim=1, keepdim=True).clamp_min(0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
-        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
-    return QParams(scale, zero, qmin, qmax)
+        lo, hi = g.amin(dim=1, keepdim=True).clamp_max(0), g.amax(dim=1, keepdim=True).clamp_min(0)
+        if clip == "percentile":
+            lo = torch.quantile(g.float(), 1 - percentile / 100, dim=1, keepdim=True).to(g.dtype).clamp_max(0)
+            hi = torch.quantile(g.float(), percentile / 100, dim=1, keepdim=True).to(g.dtype).clamp_min(0)
+    best = range_qparams(lo, hi, bits, symmetric)
+    if clip != "mse":
+        return best
+    best_err = _clip_error(g, best, norm)
+    for i in range(1, int(max_shrink * grid)):
+        shrink = 1 - i / grid
+        candidate = range_qparams(lo * shrink, hi * shrink, bits, symmetric)
+        err = _clip_error(g, candidate, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(
+            torch.where(better, candidate.scale, best.scale),
+            torch.where(better, candidate.zero_point, best.zero_point),
+            best.qmin,
+            best.qmax,
+        )
+    return best
+
+
+def _clip_error(g: torch.Tensor, qp: QParams, norm: float) -> torch.Tensor:
+    return (dequantize_int(quantize_int(g, qp), qp) - g).abs().pow(norm).sum(dim=1, keepdim=True)
 
 
 def quantize_int(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -89,9 +140,14 @@ def fake_quantize(
     symmetric: bool = True,
     granularity: str = "per-channel",
     group_size: int = 128,
+    clip: str = "minmax",
+    qparams: QParams | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize ``w`` with a straight-through gradient (identity in the backward pass)."""
+    """Quantize-dequantize ``w`` with a straight-through gradient (identity in the backward pass).
+
+    ``qparams`` (per row of the grouped view) skips the range computation: frozen or learned grids.
+    """
     grouped = group_view(w, granularity, group_size)
-    qp = minmax_qparams(grouped, bits, symmetric)
+    qp = qparams if qparams is not None else compute_qparams(grouped, bits, symmetric, clip)
     wq = ungroup(dequantize_int(quantize_int(grouped, qp), qp), w)
     return w + (wq - w).detach()
