@@ -217,3 +217,12 @@ def test_frozen_grid_survives_weight_edits():
         quantizer(edited), fake_quantize(edited, 4, granularity="per-group", group_size=16, qparams=qp)
     )
     assert not torch.allclose(quantizer(edited), fake_quantize(edited, 4, granularity="per-group", group_size=16))
+
+
+def test_input_scale_smoothing_is_exact_before_quantization():
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    layer = QuantLinear(linear, nn.Identity())  # no quantization: smoothing must not change the output
+    layer.input_scale = torch.rand(8) + 0.5
+    torch.testing.assert_close(layer(x), linear(x))

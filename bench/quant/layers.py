@@ -92,7 +92,12 @@ class DynamicActQuantizer(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight (and optionally input activation) is fake-quantized in the forward pass."""
+    """A Linear whose weight (and optionally input activation) is fake-quantized in the forward pass.
+
+    ``input_scale`` (per input feature, None by default) is the smoothing used by SmoothQuant and AWQ:
+    y = Q(x / s) @ Q(W * s)^T + b, which equals the float layer before quantization; a deployment folds
+    1/s into the op that produces x.
+    """
 
     def __init__(self, linear: nn.Linear, weight_quantizer: nn.Module, act_quantizer: nn.Module | None = None):
         super().__init__()
@@ -102,11 +107,18 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
+        self.register_buffer("input_scale", None)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight that gets quantized: W, or W * s when the layer is smoothed."""
+        return self.weight if self.input_scale is None else self.weight * self.input_scale
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self.effective_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale
         return nn.functional.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
 
 
@@ -141,7 +153,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """Fix the grid of every not-yet-frozen ``QuantLinear`` at its current weight (end of a PTQ method)."""
     for module in model.modules():
         if isinstance(module, QuantLinear) and not module.weight_quantizer.frozen:
-            module.weight_quantizer.freeze(module.weight)
+            module.weight_quantizer.freeze(module.effective_weight())
     return model
 
 
