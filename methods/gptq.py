@@ -1,0 +1,137 @@
+"""GPTQ (Frantar et al. 2022): second-order post-training quantization from a few calibration samples.
+
+Sequential, as in the reference code: the blocks are quantized one after the other, and each block's
+Hessians are taken from inputs that flow through the already-quantized earlier blocks, while the block
+itself runs in full precision (its layers' quantizers are bypassed during the pass). Linears outside the
+blocks (BERT's pooler, a decoder's input projection) are quantized in the same execution order: those
+that run before the first block first, the rest last.
+
+The grid is the cell's ``QuantSpec`` grid with static groups (see ``bench.quant.gptq``); ``clip`` picks its
+range like RTN's (``--set gptq.clip=mse`` is GPTQ's own shrink search). Activations are quantized (A-bits)
+in the forward as usual, but the Hessian is built from the float input of each layer, as GPTQ does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench import hookimpl
+from bench.api import Method, MethodContext, QuantSpec
+from bench.errors import BenchError
+from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
+from bench.quant.gptq import HessianAccumulator, gptq_layer
+from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    n_samples: int = 128
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    clip: Literal["minmax", "mse"] = "minmax"
+
+
+class GPTQ(Method):
+    description = "GPTQ: column-wise second-order PTQ with calibration Hessians (static groups, optional act-order)"
+    data_used = "calibration"
+    Config = GPTQConfig
+
+    def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
+        if context.calibration is None:
+            raise BenchError("gptq needs calibration data, but this cell's context provides none")
+        cfg = self.config
+        model = quantize_model(
+            model, spec, keep_fp=context.keep_fp, weight_quantizer=partial(WeightQuantizer, clip=cfg.clip)
+        )
+        batches = _to_device(context.calibration(cfg.n_samples), _model_device(model))
+        for group, stop_after in _units(model, batches):
+            self._quantize_group(model, batches, group, stop_after)
+        return freeze(model)
+
+    def _quantize_group(self, model: nn.Module, batches: list[dict], layers: dict, stop_after) -> None:
+        """One calibration pass accumulating the Hessians of ``layers`` (run in float), then GPTQ on each."""
+        if not layers:
+            return
+        accumulators = {
+            name: HessianAccumulator(layer.in_features, layer.weight.device) for name, layer in layers.items()
+        }
+        with _float_weights(layers.values()):
+            stream_inputs(model, batches, layers, lambda name, x: accumulators[name].add(x), stop_after=stop_after)
+        cfg = self.config
+        for name, layer in layers.items():
+            if accumulators[name].tokens == 0:
+                continue  # never ran on calibration data: left to the final freeze (RTN on its grid)
+            gptq_layer(
+                layer,
+                accumulators.pop(name).hessian,
+                block_size=cfg.block_size,
+                damp=cfg.damp,
+                act_order=cfg.act_order,
+            )
+        accumulators.clear()
+
+
+def _units(model: nn.Module, batches: list[dict]) -> Iterator[tuple[dict, nn.Module | None]]:
+    """The groups of QuantLinears to quantize together, in execution order, each with where to stop.
+
+    Yields Linears outside the blocks that run before the first block, then each block, then the
+    remaining outside Linears (all in one pass over the full model).
+    """
+    blocks = transformer_blocks(model)
+    quant = {n: m for n, m in linear_layers(model).items() if isinstance(m, QuantLinear)}
+    inside = {n for block_name, block in blocks for n in linear_layers(block, block_name)}
+    outside = {n: m for n, m in quant.items() if n not in inside}
+    if not blocks:
+        yield outside, None
+        return
+    if outside:
+        before = _run_before(model, batches, outside, blocks[0][1])
+        yield {n: outside.pop(n) for n in before}, blocks[0][1]
+    for block_name, block in tqdm(blocks, desc="gptq", leave=False):
+        layers = {n: m for n, m in linear_layers(block, block_name).items() if isinstance(m, QuantLinear)}
+        yield layers, block
+    yield outside, None
+
+
+def _run_before(model: nn.Module, batches: list[dict], layers: dict, block: nn.Module) -> list[str]:
+    """Names of ``layers`` that receive inputs before ``block`` finishes (one batch is enough to tell)."""
+    seen: list[str] = []
+    stream_inputs(model, batches[:1], layers, lambda name, _x: seen.append(name), stop_after=block)
+    return list(dict.fromkeys(seen))
+
+
+@contextlib.contextmanager
+def _float_weights(layers) -> Iterator[None]:
+    """Bypass the weight quantizers of ``layers`` for the duration: the layers being calibrated run in
+    float, so later layers of the same block see the inputs the reference GPTQ gives them."""
+    saved = [(layer, layer.weight_quantizer) for layer in layers]
+    try:
+        for layer, _ in saved:
+            layer.weight_quantizer = nn.Identity()
+        yield
+    finally:
+        for layer, quantizer in saved:
+            layer.weight_quantizer = quantizer
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _to_device(batches: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
+
+
+@hookimpl
+def register_methods(register):
+    register("gptq", GPTQ)

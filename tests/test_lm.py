@@ -1,0 +1,116 @@
+"""Perplexity: windows, the metric against a plain reference loop, offline text, decoder end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from bench import hub
+from bench.api import TaskData
+from bench.cli import main
+from tasks.lm import LMRecipe, WikiText2, perplexity, sliding_windows
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 8), (2, 16, 16)])
+def test_every_token_scored_at_most_once(n, seq_len, stride):
+    scored = []
+    for begin, end, count in sliding_windows(n, seq_len, stride):
+        assert end - begin <= seq_len and count <= end - begin - 1
+        scored.extend(range(end - count, end))
+    if stride < seq_len:  # overlapping windows: every token after the first is scored, with context
+        assert scored == list(range(1, n))
+    else:  # GPTQ protocol: a window's first token has no context in it and is not scored
+        assert scored == [t for t in range(n) if t % stride]
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hub.package_dir("cognition") / "model")
+    return model, tokenizer
+
+
+def _reference_perplexity(model, ids, max_len, stride):
+    """The Hugging Face documentation's sliding-window loop, with labels masked to -100."""
+    nll_sum, n_pred, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_len, len(ids))
+        trg_len = end - prev_end
+        x = ids[begin:end].unsqueeze(0)
+        target = x.clone()
+        target[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(x, labels=target).loss
+        count = int((target[:, 1:] != -100).sum())
+        nll_sum += loss.item() * count
+        n_pred += count
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll_sum / n_pred)
+
+
+@pytest.mark.parametrize("seq_len,stride", [(32, 32), (32, 8)])
+def test_perplexity_equals_reference_loop(tiny_decoder, seq_len, stride):
+    model, tokenizer = tiny_decoder
+    data = TaskData(
+        {"test": {"text": ["the cat sat on the mat.", "a quick brown fox jumps over the lazy dog " * 6]}},
+        "test",
+        eval_split="test",
+    )
+    task = WikiText2()
+    nlls, counts = task.predict(model, tokenizer, data, recipe=LMRecipe(seq_len=seq_len, stride=stride))
+    ids = task.token_ids(tokenizer, data, "test")
+    assert sum(counts) == len(ids) - 1 - (len(ids) - 1) // seq_len * (stride == seq_len)
+    assert perplexity(nlls, counts) == pytest.approx(_reference_perplexity(model, ids, seq_len, stride), rel=1e-4)
+
+
+def test_offline_wiki_split_is_by_document():
+    data = WikiText2().load()
+    assert data.source.startswith("offline:wiki (exllamav3==1.6.5")
+    train, test = data.splits["train"]["text"], data.splits["test"]["text"]
+    assert len(train) > 10 and len(test) > 10 and not set(train) & set(test)
+    assert not any("<doc" in t for t in test[:50])
+
+
+def test_decoder_end_to_end(tiny_decoder, tmp_path):
+    model, tokenizer = tiny_decoder
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--model",
+        str(tmp_path / "model"),
+        "--tasks",
+        "wikitext2",
+        "--bits",
+        "4",
+        "--limit",
+        "3",
+        "--set",
+        "task.seq_len=64",
+        "--set",
+        "task.stride=64",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = {r["bits"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["FP32"]["status"] == "ok" and rows["W4A32"]["status"] == "ok"
+    assert rows["FP32"]["task_kind"] == "language-modeling" and rows["FP32"]["eval_examples"] == 3
+    assert 1 < rows["FP32"]["score"] < 1e6 and rows["FP32"]["finetune"] is None
+    assert rows["W4A32"]["quantized"]["kept_fp"] == ["lm_head"]
+    assert "wikitext2" in (out / "leaderboard.md").read_text()
