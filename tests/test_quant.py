@@ -226,3 +226,39 @@ def test_input_scale_smoothing_is_exact_before_quantization():
     layer = QuantLinear(linear, nn.Identity())  # no quantization: smoothing must not change the output
     layer.input_scale = torch.rand(8) + 0.5
     torch.testing.assert_close(layer(x), linear(x))
+
+
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-channel", "per-group"])
+def test_lsq_forward_is_the_uniform_grid_and_init_follows_the_paper(granularity):
+    import math
+
+    from bench.quant import LSQQuantizer
+    from bench.quant.uniform import QParams
+
+    w = _weight(cols=48)
+    spec = QuantSpec(3, granularity=granularity, group_size=16)
+    lsq = LSQQuantizer(spec, w)
+    grouped = group_view(w, granularity, 16)
+    torch.testing.assert_close(lsq.step.detach(), 2 * grouped.abs().mean(1, keepdim=True) / math.sqrt(3))
+    qp = QParams(lsq.step.detach(), torch.zeros_like(lsq.step.detach()), -4, 3)
+    torch.testing.assert_close(lsq(w), fake_quantize(w, 3, granularity=granularity, group_size=16, qparams=qp))
+
+
+def test_lsq_gradients_follow_the_paper():
+    """Step gradient = g * sum(-w/s + round(w/s)) inside the grid, g*Qn or g*Qp outside; weight grad STE inside."""
+    import math
+
+    from bench.quant import LSQQuantizer
+
+    w = torch.tensor([[0.05, -0.3, 0.9, 3.0, -3.0, 0.41]], requires_grad=True)
+    lsq = LSQQuantizer(QuantSpec(3, granularity="per-tensor"), w)
+    with torch.no_grad():
+        lsq.step.fill_(0.2)
+    lsq(w).sum().backward()
+    s, qmin, qmax = 0.2, -4, 3
+    v = w.detach() / s
+    inside = (v > qmin) & (v < qmax)
+    expected_step = torch.where(inside, torch.round(v) - v, torch.where(v <= qmin, float(qmin), float(qmax))).sum()
+    g = 1 / math.sqrt(w.numel() * qmax)
+    torch.testing.assert_close(lsq.step.grad.squeeze(), expected_step * g)
+    torch.testing.assert_close(w.grad, inside.float())

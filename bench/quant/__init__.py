@@ -9,6 +9,7 @@ from bench.quant.layers import (
     quantize_model,
     summarize,
 )
+from bench.quant.lsq import LSQQuantizer
 from bench.quant.uniform import (
     CLIPS,
     QParams,
@@ -25,6 +26,7 @@ from bench.quant.uniform import (
 __all__ = [
     "DEFAULT_KEEP_FP",
     "DynamicActQuantizer",
+    "LSQQuantizer",
     "QParams",
     "QuantLinear",
     "WeightQuantizer",

@@ -31,7 +31,7 @@ class WeightQuantizer(nn.Module):
     see one grid, and evaluation does not recompute ranges every forward.
     """
 
-    def __init__(self, spec: QuantSpec, clip: str = "minmax"):
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor | None = None, *, clip: str = "minmax"):
         super().__init__()
         if clip not in CLIPS:
             raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
@@ -135,8 +135,9 @@ def quantize_model(
 ) -> nn.Module:
     """Swap every ``nn.Linear`` (in place) for a ``QuantLinear`` unless its name matches ``keep_fp``.
 
-    ``weight_quantizer(spec)`` builds each layer's weight quantizer, so QAT methods can pass a learnable
-    one. Returns ``model``; ``summarize`` tells afterwards what was quantized.
+    ``weight_quantizer(spec, weight)`` builds each layer's weight quantizer, so QAT methods can pass a
+    learnable one (``LSQQuantizer``) initialized from the layer's weight. Returns ``model``; ``summarize``
+    tells afterwards what was quantized.
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or _matches(name, keep_fp):
@@ -144,7 +145,7 @@ def quantize_model(
         act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(module, weight_quantizer(spec), act))
+        setattr(parent, child, QuantLinear(module, weight_quantizer(spec, module.weight), act))
     log.debug("quantized model: %s", summarize(model))
     return model
 
