@@ -29,6 +29,7 @@ class QuantSpec:
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
+    embeddings: bool = False  # also quantize nn.Embedding tables (weights only, same grid rules)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:

@@ -95,6 +95,7 @@ def cmd_run(args) -> int:
         granularity=args.granularity,
         group_size=args.group_size,
         symmetric=not args.asymmetric,
+        embeddings=args.quantize_embeddings,
         settings=parse_settings(args.set),
         limit=args.limit,
         reference=not args.no_reference,
@@ -280,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--group-size", type=int, default=128, help="group size for per-group; default 128")
     run.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (default symmetric)")
+    run.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="also quantize embedding tables (default: embeddings, norms, biases and the task/LM head stay float)",
+    )
     run.add_argument(
         "--set",
         action="append",

@@ -71,6 +71,7 @@ class Cell:
                 f"{self.bits_label}|{self.spec.granularity}"
                 + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
                 + ("|sym" if self.spec.symmetric else "|asym")
+                + ("|emb" if self.spec.embeddings else "")
             )
         )
         return (
@@ -92,6 +93,7 @@ class GridRequest:
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
+    embeddings: bool = False
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
     limit: int | None = None
     reference: bool = True
@@ -113,7 +115,8 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     resolved = models.resolve(request.model)
     specs = [
-        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric) for b in request.bits
+        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric, request.embeddings)
+        for b in request.bits
     ]
     cells = []
     for task in tasks:
@@ -278,6 +281,7 @@ class Runner:
             "granularity": spec.granularity if spec else None,
             "group_size": spec.group_size if spec and spec.granularity == "per-group" else None,
             "symmetric": spec.symmetric if spec else None,
+            "embeddings_quantized": spec.embeddings if spec else None,
             "task": cell.task,
             "task_kind": task_cls.kind,
             "primary_metric": task_cls.primary_metric,

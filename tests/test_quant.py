@@ -118,7 +118,9 @@ def test_quantize_model_swaps_linears_and_keeps_head():
     quantize_model(model, QuantSpec(4))
     assert isinstance(model.encoder[0], QuantLinear) and isinstance(model.encoder[2], QuantLinear)
     assert type(model.classifier) is nn.Linear
-    assert summarize(model) == {"quantized_linears": 2, "kept_fp": ["classifier"]}
+    summary = summarize(model)
+    assert summary["quantized_linears"] == 2 and summary["kept_fp"] == ["classifier"]
+    assert summary["quantized_embeddings"] == [] and "embeddings" in summary["float_always"]
     # the float weight is kept (for QAT / GPTQ to edit); the forward uses its fake-quantized copy
     torch.testing.assert_close(model.encoder[0].weight, w0)
     torch.testing.assert_close(model.encoder[0].quantized_weight(), fake_quantize(w0, 4))
@@ -262,3 +264,19 @@ def test_lsq_gradients_follow_the_paper():
     g = 1 / math.sqrt(w.numel() * qmax)
     torch.testing.assert_close(lsq.step.grad.squeeze(), expected_step * g)
     torch.testing.assert_close(w.grad, inside.float())
+
+
+def test_embedding_quantization_is_opt_in_and_per_row():
+    from bench.quant import QuantEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
+    ids = torch.tensor([[1, 7, 49]])
+    quantize_model(model, QuantSpec(4), keep_fp=())
+    assert type(model[0]) is nn.Embedding  # off by default
+    model2 = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
+    quantize_model(model2, QuantSpec(4, embeddings=True), keep_fp=())
+    assert isinstance(model2[0], QuantEmbedding)
+    expected = fake_quantize(model2[0].weight, 4)[ids]  # per row = per token vector
+    torch.testing.assert_close(model2[0](ids), expected)
+    assert summarize(model2)["quantized_embeddings"] == ["0"]

@@ -2,7 +2,9 @@
 
 from bench.quant.layers import (
     DEFAULT_KEEP_FP,
+    QUANT_LAYERS,
     DynamicActQuantizer,
+    QuantEmbedding,
     QuantLinear,
     WeightQuantizer,
     freeze,
@@ -28,6 +30,8 @@ __all__ = [
     "DynamicActQuantizer",
     "LSQQuantizer",
     "QParams",
+    "QUANT_LAYERS",
+    "QuantEmbedding",
     "QuantLinear",
     "WeightQuantizer",
     "fake_quantize",

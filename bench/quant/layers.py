@@ -122,6 +122,30 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
 
 
+class QuantEmbedding(nn.Module):
+    """An Embedding whose table is fake-quantized row by row (a row is one token's vector)."""
+
+    def __init__(self, embedding: nn.Embedding, weight_quantizer: nn.Module):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = embedding.weight
+        self.weight_quantizer = weight_quantizer
+        self.input_scale = None
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.quantized_weight(), self.padding_idx)
+
+
+QUANT_LAYERS = (QuantLinear, QuantEmbedding)
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.split(".")[-1], p) for p in patterns)
 
@@ -135,17 +159,26 @@ def quantize_model(
 ) -> nn.Module:
     """Swap every ``nn.Linear`` (in place) for a ``QuantLinear`` unless its name matches ``keep_fp``.
 
+    Embedding tables are swapped for ``QuantEmbedding`` only when ``spec.embeddings``; LayerNorm and
+    biases always stay in float (standard in the papers compared here).
+
     ``weight_quantizer(spec, weight)`` builds each layer's weight quantizer, so QAT methods can pass a
     learnable one (``LSQQuantizer``) initialized from the layer's weight. Returns ``model``; ``summarize``
     tells afterwards what was quantized.
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _matches(name, keep_fp):
+        if _matches(name, keep_fp):
             continue
-        act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
+        if isinstance(module, nn.Linear):
+            act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
+            replacement = QuantLinear(module, weight_quantizer(spec, module.weight), act)
+        elif isinstance(module, nn.Embedding) and spec.embeddings:
+            replacement = QuantEmbedding(module, weight_quantizer(spec, module.weight))
+        else:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(module, weight_quantizer(spec, module.weight), act))
+        setattr(parent, child, replacement)
     log.debug("quantized model: %s", summarize(model))
     return model
 
@@ -153,13 +186,18 @@ def quantize_model(
 def freeze(model: nn.Module) -> nn.Module:
     """Fix the grid of every not-yet-frozen ``QuantLinear`` at its current weight (end of a PTQ method)."""
     for module in model.modules():
-        if isinstance(module, QuantLinear) and not module.weight_quantizer.frozen:
+        if isinstance(module, QUANT_LAYERS) and not module.weight_quantizer.frozen:
             module.weight_quantizer.freeze(module.effective_weight())
     return model
 
 
 def summarize(model: nn.Module) -> dict:
     """What a (possibly) quantized model holds: count of quantized Linears and the Linears left float."""
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    return {"quantized_linears": len(quantized), "kept_fp": kept}
+    modules = list(model.named_modules())
+    return {
+        "quantized_linears": sum(isinstance(m, QuantLinear) for _, m in modules),
+        "quantized_embeddings": [n for n, m in modules if isinstance(m, QuantEmbedding)],
+        "kept_fp": [n for n, m in modules if type(m) is nn.Linear],
+        "float_always": "LayerNorm/RMSNorm, biases"
+        + ("" if any(isinstance(m, QuantEmbedding) for _, m in modules) else ", embeddings"),
+    }

@@ -61,9 +61,7 @@ def collect_channel_stats(
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of each layer's input over the calibration tokens (padding excluded)."""
     stats = {name: ChannelStats() for name in layers}
-    stream_inputs(
-        model, as_dict_batches(batches), layers, lambda name, x: stats[name].update(x), stop_after=stop_after
-    )
+    stream_inputs(model, as_dict_batches(batches), layers, lambda name, x: stats[name].update(x), stop_after=stop_after)
     return stats
 
 
@@ -129,7 +127,7 @@ def set_input_scale(layers: list[nn.Module], s: torch.Tensor) -> None:
 
 @contextmanager
 def float_layers(layers: Iterable[nn.Module]) -> Iterator[None]:
-    """Within the block, the given QuantLinears compute in float (identity weight and activation quantizers).
+    """Inside the ``with`` block, the given QuantLinears compute in float (identity weight and activation quantizers).
 
     Statistics for smoothing are taken on the float computation the scales are meant to preserve; the
     quantizers (and any input_scale set meanwhile) are kept and restored on exit.
