@@ -38,8 +38,18 @@ class QuantSpec:
             raise BenchError(f"group size {self.group_size}: must be a positive number of input columns")
 
     def label(self, float_bits: int = 32) -> str:
-        """'W4A8', or 'W4A32' when activations are left in float32 (weights-only quantization)."""
-        return f"W{self.w_bits}A{self.a_bits or float_bits}"
+        """'W4A8', or 'W4A32' when activations are left in float32; non-default grids are spelled out
+        ('W4A32 g128', 'W4A32 per-tensor asym +emb') so different grids never share a leaderboard column."""
+        parts = [f"W{self.w_bits}A{self.a_bits or float_bits}"]
+        if self.granularity == "per-group":
+            parts.append(f"g{self.group_size}")
+        elif self.granularity == "per-tensor":
+            parts.append("per-tensor")
+        if not self.symmetric:
+            parts.append("asym")
+        if self.embeddings:
+            parts.append("+emb")
+        return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,6 +75,9 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         }
         for r in rows
     )
+    frame["finished"] = [r.get("finished") or "" for r in rows]
+    duplicated = frame.duplicated(["method", "data", "bits", "task", "seed"], keep=False)
+    frame = frame.sort_values("finished").drop_duplicates(["method", "data", "bits", "task", "seed"], keep="last")
     tasks = sorted(frame.task.unique())
     if len(tasks) > 1:  # per bit-width average over tasks, per seed, before aggregating seeds
         avg = frame.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
@@ -101,6 +104,10 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
     )
     board = Leaderboard(table, means, stds, counts, rows, failed)
     board.notes = _notes(rows, failed)
+    if duplicated.any():
+        board.notes.append(
+            "some cells were run with different eval limits or task recipes; the newest row of each is shown"
+        )
     board.provenance = _provenance(rows, run_dirs)
     return board
 

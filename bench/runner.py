@@ -52,6 +52,7 @@ class Cell:
     seed: int
     recipe: dict = field(hash=False, compare=False)
     limit: int | None = None
+    variant: str = field(default="", compare=False)  # non-default method settings, for the leaderboard
 
     @property
     def config_hash(self) -> str:
@@ -111,6 +112,7 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
         m: dataclasses.asdict(apply_overrides(m, plugins.methods.get(m).Config(), request.settings.get(m, {})))
         for m in methods
     }
+    variants = {m: _variant(plugins.methods.get(m).Config(), configs[m]) for m in methods}
     _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     resolved = models.resolve(request.model)
@@ -126,10 +128,16 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                 cells.append(Cell(REFERENCE_METHOD, {}, None, **common))
             for method in methods:
                 if method == REFERENCE_METHOD:
-                    cells.append(Cell(method, configs[method], None, **common))
+                    cells.append(Cell(method, configs[method], None, **common, variant=variants[method]))
                     continue
-                cells.extend(Cell(method, configs[method], spec, **common) for spec in specs)
+                cells.extend(Cell(method, configs[method], spec, **common, variant=variants[method]) for spec in specs)
     return cells, resolved
+
+
+def _variant(default_config, config: dict) -> str:
+    """'clip=mse' for the settings that differ from the method's defaults ('' when none do)."""
+    defaults = dataclasses.asdict(default_config)
+    return ",".join(f"{k}={v}" for k, v in config.items() if defaults.get(k) != v)
 
 
 def _task_recipe(task_cls, name: str, settings: dict[str, dict[str, str]]):
@@ -274,6 +282,7 @@ class Runner:
             "key": cell.key,
             "method": cell.method,
             "method_config": cell.method_config,
+            "variant": cell.variant,
             "config_hash": cell.config_hash,
             "bits": cell.bits_label,
             "w_bits": spec.w_bits if spec else None,

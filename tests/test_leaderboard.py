@@ -1,0 +1,85 @@
+"""The leaderboard table from synthetic rows: layout, seeds, variants, grids, formats."""
+
+import json
+
+import pytest
+
+from bench import plugins
+from bench.leaderboard import build
+
+
+def _row(method, bits, task, seed, score, *, variant="", kind="classification", data="none", finished="1"):
+    return {
+        "method": method,
+        "variant": variant,
+        "bits": bits,
+        "task": task,
+        "seed": seed,
+        "score": score,
+        "task_kind": kind,
+        "data_used": data,
+        "primary_metric": "accuracy",
+        "model": "m",
+        "model_source": "package:x",
+        "data_source": "offline:y",
+        "finished": finished,
+        "status": "ok",
+    }
+
+
+@pytest.fixture
+def board():
+    rows = [
+        _row("fp32", "FP32", "sst2", 0, 0.90),
+        _row("fp32", "FP32", "sst2", 1, 0.92),
+        _row("rtn", "W4A32", "sst2", 0, 0.80),
+        _row("rtn", "W4A32", "sst2", 1, 0.84),
+        _row("rtn", "W8A32", "sst2", 0, 0.89),
+        _row("rtn", "W8A32", "sst2", 1, 0.91),
+        _row("rtn", "W4A32", "sst2", 0, 0.86, variant="clip=mse"),
+        _row("rtn", "W4A32 g128", "sst2", 0, 0.85),
+        _row("rtn", "W4A32", "wikitext2", 0, 21.5, kind="language-modeling"),
+    ]
+    return build(rows, [], ["runs/a"])
+
+
+def test_layout_and_aggregation(board):
+    assert list(board.table.index) == [("fp32", "none"), ("rtn", "none"), ("rtn[clip=mse]", "none")]
+    assert board.table.loc[("fp32", "none"), ("FP32", "sst2")] == "91.00 ± 1.41"  # x100, mean ± sample std
+    assert board.table.loc[("rtn", "none"), ("W4A32", "sst2")] == "82.00 ± 2.83"
+    assert board.table.loc[("rtn[clip=mse]", "none"), ("W4A32", "sst2")] == "86.00"
+    assert board.table.loc[("rtn", "none"), ("W4A32 g128", "sst2")] == "85.00"
+    assert board.table.loc[("rtn", "none"), ("W4A32", "wikitext2")] == "21.50"  # perplexity is not scaled
+    first = board.table.columns[0]
+    assert first[0] == "FP32"
+    order = [c[0] for c in board.table.columns]
+    assert order.index("W8A32") < order.index("W4A32") < order.index("W4A32 g128")
+
+
+def test_reporters_render(board, tmp_path):
+    reporters = plugins.load().reporters
+    md = reporters.get("md")(board, tmp_path / "b.md")
+    assert "| rtn[clip=mse]" in md and "W4A32 sst2" in md and "offline:y" in md
+    data = json.loads(reporters.get("json")(board, tmp_path / "b.json"))
+    rtn = next(e for e in data["leaderboard"] if e["method"] == "rtn")
+    assert rtn["scores"]["W4A32"]["sst2"] == {
+        "mean": pytest.approx(82.0),
+        "std": pytest.approx(2.828, abs=1e-3),
+        "n": 2,
+    }
+    csv = reporters.get("csv")(board, tmp_path / "b.csv")
+    assert csv.splitlines()[0].startswith("method,data,FP32 sst2")
+    html = reporters.get("html")(board, tmp_path / "b.html")
+    assert "<table" in html and "rtn[clip=mse]" in html and "quantbench" in html
+
+
+def test_newest_row_wins_when_a_cell_was_rerun_differently():
+    rows = [_row("rtn", "W4A32", "sst2", 0, 0.5, finished="1"), _row("rtn", "W4A32", "sst2", 0, 0.7, finished="2")]
+    board = build(rows, [], [])
+    assert board.table.loc[("rtn", "none"), ("W4A32", "sst2")] == "70.00"
+    assert any("newest row" in n for n in board.notes)
+
+
+def test_empty_board():
+    board = build([], [], [])
+    assert board.table.empty and "no finished cells yet" in board.notes
