@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib.metadata as md
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from bench.errors import BenchError
+
+T = TypeVar("T")
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -36,3 +43,20 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantbench"
     )
     return Path(root)
+
+
+def hub_or_offline(what: str, hub_label: str, from_hub: Callable[[], T], offline_twin: Callable[[], T] | None) -> T:
+    """The hub copy unless the hub is off; the offline twin when the hub is off or fails (with a warning).
+
+    Never silent: the caller's result records which source it came from.
+    """
+    if not offline():
+        try:
+            return from_hub()
+        except Exception as exc:  # unreachable hub, missing dataset, auth: all mean "use the twin"
+            if offline_twin is None:
+                raise BenchError(f"cannot load {what} from the hub ({hub_label}): {exc}") from exc
+            warnings.warn(f"{what}: hub unavailable ({type(exc).__name__}); using the offline twin", stacklevel=2)
+    if offline_twin is None:
+        raise BenchError(f"{what} has no offline source; it needs the hub ({hub_label})")
+    return offline_twin()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,22 +84,13 @@ class GlueTask(Task):
     offline_loader = None
 
     def load(self, data_dir: str | None = None) -> TaskData:
-        if not hub.offline():
-            try:
-                import datasets
+        return hub.hub_or_offline(self.name, f"{self.hub_path}/{self.name}", self._from_hub, self.offline_loader)
 
-                ds = datasets.load_dataset(self.hub_path, self.name)
-                splits = {s: ds[s].to_dict() for s in ("train", "validation")}
-                return TaskData(splits, f"hub:{self.hub_path}/{self.name}")
-            except Exception as exc:
-                if self.offline_loader is None:
-                    raise BenchError(f"cannot load {self.name} from the hub: {exc}") from exc
-                warnings.warn(
-                    f"{self.name}: hub unavailable ({type(exc).__name__}); using the offline twin", stacklevel=2
-                )
-        if self.offline_loader is None:
-            raise BenchError(f"{self.name} has no offline source; it needs the hub ({self.hub_path})")
-        return self.offline_loader()
+    def _from_hub(self) -> TaskData:
+        import datasets
+
+        ds = datasets.load_dataset(self.hub_path, self.name)
+        return TaskData({s: ds[s].to_dict() for s in ("train", "validation")}, f"hub:{self.hub_path}/{self.name}")
 
     def load_model(self, model):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

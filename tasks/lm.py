@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,26 +71,17 @@ class PerplexityTask(Task):
         self._ids: dict[tuple, torch.Tensor] = {}
 
     def load(self, data_dir: str | None = None) -> TaskData:
-        if not hub.offline():
-            try:
-                import datasets
+        twin = (lambda: _offline_text(self.offline_name)) if self.offline_name else None
+        return hub.hub_or_offline(self.name, self.hub_path, self._from_hub, twin)
 
-                splits = {
-                    ours: {
-                        "text": datasets.load_dataset(self.hub_path, split=theirs, **self.hub_kwargs)[self.hub_text_key]
-                    }
-                    for ours, theirs in self.hub_splits.items()
-                }
-                return TaskData(splits, f"hub:{self.hub_path}", eval_split="test")
-            except Exception as exc:
-                if self.offline_name is None:
-                    raise BenchError(f"cannot load {self.name} from the hub: {exc}") from exc
-                warnings.warn(
-                    f"{self.name}: hub unavailable ({type(exc).__name__}); using the offline twin", stacklevel=2
-                )
-        if self.offline_name is None:
-            raise BenchError(f"{self.name} has no offline source; it needs the hub ({self.hub_path})")
-        return _offline_text(self.offline_name)
+    def _from_hub(self) -> TaskData:
+        import datasets
+
+        splits = {
+            ours: {"text": datasets.load_dataset(self.hub_path, split=theirs, **self.hub_kwargs)[self.hub_text_key]}
+            for ours, theirs in self.hub_splits.items()
+        }
+        return TaskData(splits, f"hub:{self.hub_path}", eval_split="test")
 
     def load_model(self, model):
         from transformers import AutoModelForCausalLM, AutoTokenizer

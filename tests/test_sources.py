@@ -40,3 +40,22 @@ def test_rotten_tomatoes_split_is_by_movie_and_fixed():
     assert not set(train["movie"]) & set(val["movie"])  # no movie on both sides
     again = SST2().load()
     assert again.splits["validation"]["sentence"][:50] == val["sentence"][:50]
+
+
+def test_hub_failure_falls_back_to_the_twin_loudly(monkeypatch):
+    from bench import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+
+    def unreachable():
+        raise ConnectionError("no route to hub")
+
+    with pytest.warns(UserWarning, match="sst2: hub unavailable \\(ConnectionError\\); using the offline twin"):
+        assert hub.hub_or_offline("sst2", "nyu-mll/glue/sst2", unreachable, lambda: "twin") == "twin"
+    with pytest.raises(BenchError, match=r"cannot load ptb from the hub \(ptb_text_only\): no route"):
+        hub.hub_or_offline("ptb", "ptb_text_only", unreachable, None)
+    assert hub.hub_or_offline("sst2", "x", lambda: "hub", lambda: "twin") == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BenchError, match="ptb has no offline source; it needs the hub"):
+        hub.hub_or_offline("ptb", "ptb_text_only", unreachable, None)
