@@ -192,7 +192,8 @@ def _tiny_bert(seed=0):
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        num_labels=3,
+        num_labels=16,  # many logits: a few random projections of the error would make the comparison noisy
+        initializer_range=0.1,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -226,9 +227,9 @@ def test_end_to_end_bert_closer_to_fp_than_rtn():
         return _batches(n, seed=1)
 
     context = MethodContext(task=None, tokenizer=None, seed=0, keep_fp=DEFAULT_KEEP_FP, calibration=calibration)
-    gptq = GPTQ(GPTQConfig(n_samples=32, block_size=16)).quantize(_tiny_bert(), spec, context)
+    gptq = GPTQ(GPTQConfig(n_samples=128, block_size=16)).quantize(_tiny_bert(), spec, context)
     rtn = RTN().quantize(_tiny_bert(), spec, context)
-    assert calls == [32]
+    assert calls == [128]
 
     quantized = [m for m in gptq.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 2 * 6 + 1  # q, k, v, attn out, intermediate, output per block; the pooler
@@ -237,9 +238,9 @@ def test_end_to_end_bert_closer_to_fp_than_rtn():
         assert layer.weight_quantizer.frozen
         assert torch.equal(layer.quantized_weight(), layer.weight.detach())
 
-    held_out = _batches(32, seed=2)
+    held_out = _batches(64, seed=2)
     gptq_err, rtn_err = _logit_error(gptq, fp, held_out), _logit_error(rtn, fp, held_out)
-    assert gptq_err < rtn_err, (gptq_err, rtn_err)
+    assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
 
 
 def test_sequential_pass_uses_quantized_earlier_blocks():
@@ -265,3 +266,40 @@ def test_sequential_pass_uses_quantized_earlier_blocks():
     w = _tiny_bert().bert.encoder.layer[1].attention.self.query.weight.detach()
     expected = gptq_quantize(w, acc.hessian, WeightQuantizer(spec).qparams(w), "per-channel", 128, block_size=16)
     torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.query.weight.detach(), expected)
+
+
+class _Stack(nn.Module):
+    """Linears before, inside and after the repeated blocks, like OPT's project_in / layers / project_out."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Linear(8, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(2))
+        self.proj_out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = self.proj_in(x)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.proj_out(x)
+
+
+def test_layers_quantized_in_execution_order(monkeypatch):
+    import methods.gptq as plugin
+
+    order = []
+    real = plugin.gptq_layer
+
+    def recording(layer, hessian, **kwargs):
+        order.append(next(n for n, m in model.named_modules() if m is layer))
+        return real(layer, hessian, **kwargs)
+
+    monkeypatch.setattr(plugin, "gptq_layer", recording)
+    torch.manual_seed(0)
+    model = _Stack()
+    batches = [{"x": torch.randn(4, 10, 8)} for _ in range(2)]
+    context = MethodContext(task=None, tokenizer=None, seed=0, calibration=lambda n: batches)
+    GPTQ().quantize(model, QuantSpec(4), context)
+    blocks = [f"layers.{i}.{j}" for i in range(2) for j in (0, 2)]
+    assert order == ["proj_in", *blocks, "proj_out"]
+    assert all(m.weight_quantizer.frozen for m in model.modules() if isinstance(m, QuantLinear))
