@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
             }
         )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = Runner(plugins, store, resolved, device).run(
+        counts = Runner(plugins, store, resolved, device, latency=not args.no_latency).run(
             cells, force=args.force, retry_failed_only=args.retry_failed
         )
         ok, failed = collect([str(out)])
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
     run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
     run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
+    run.add_argument(
+        "--no-latency", action="store_true", help="skip the per-cell latency measurement (1 x 128 tokens, CPU kernels)"
+    )
     run.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     run.set_defaults(func=cmd_run)
 

@@ -18,6 +18,8 @@ from bench.results import ResultStore
 
 PERCENT_KINDS = ("classification", "regression")
 AVERAGE = "avg"
+SIZE, LATENCY, SPEEDUP = "size MB", "p50 ms", "speedup"
+REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Leaderboard:
     provenance: dict = field(default_factory=dict)
 
     def flat_columns(self) -> list[str]:
-        return [f"{bits} {task}" for bits, task in self.table.columns]
+        return [f"{bits} {column}" for bits, column in self.table.columns]
 
 
 def _bits_order(label: str) -> tuple:
@@ -40,6 +42,28 @@ def _bits_order(label: str) -> tuple:
         return (0, 0, 0)
     m = re.match(r"W(\d+)A(\d+)", label)
     return (1, -int(m.group(1)), -int(m.group(2))) if m else (2, 0, 0)
+
+
+def _column_order(column: str) -> int:
+    return {AVERAGE: 1, SIZE: 2, LATENCY: 3, SPEEDUP: 4}.get(column, 0)
+
+
+def _add_speedup(means, stds, counts, kernels):
+    """Speedup over FP32 p50, only for cells that ran a real low-bit kernel: a simulated one has none."""
+    fp32 = [v for (method, _), v in means.get(("FP32", LATENCY), pd.Series(dtype=float)).items() if method == "fp32"]
+    if not fp32:
+        return means, stds, counts
+    for bits in {b for b, c in means.columns if c == LATENCY and b != "FP32"}:
+        real = [
+            i
+            for i in means.index
+            if kernels.get((*i, bits)) and not any(k in kernels[(*i, bits)] for k in REAL_KERNELS_EXCLUDE)
+        ]
+        if real:
+            means[(bits, SPEEDUP)] = pd.Series({i: fp32[0] / means.at[i, (bits, LATENCY)] for i in real})
+            stds[(bits, SPEEDUP)] = float("nan")
+            counts[(bits, SPEEDUP)] = counts[(bits, LATENCY)]
+    return means, stds, counts
 
 
 def method_label(row: dict) -> str:
@@ -64,6 +88,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         board.notes.append("no finished cells yet")
         board.provenance = _provenance(rows, run_dirs)
         return board
+    keys = ["method", "data", "bits", "task", "seed"]
     frame = pd.DataFrame(
         {
             "method": method_label(r),
@@ -72,35 +97,53 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             "task": r["task"],
             "seed": r["seed"],
             "score": r["score"] * (100 if r.get("task_kind") in PERCENT_KINDS else 1),
+            SIZE: r["size_bytes"] / 2**20 if r.get("size_bytes") else None,
+            LATENCY: (r.get("latency") or {}).get("p50"),
+            "kernel": (r.get("latency") or {}).get("kernel"),
+            "finished": r.get("finished") or "",
         }
         for r in rows
     )
-    frame["finished"] = [r.get("finished") or "" for r in rows]
-    duplicated = frame.duplicated(["method", "data", "bits", "task", "seed"], keep=False)
-    frame = frame.sort_values("finished").drop_duplicates(["method", "data", "bits", "task", "seed"], keep="last")
-    tasks = sorted(frame.task.unique())
-    if len(tasks) > 1:  # per bit-width average over tasks, per seed, before aggregating seeds
+    duplicated = frame.duplicated(keys, keep=False)
+    frame = frame.sort_values("finished").drop_duplicates(keys, keep="last")
+    # long form: one value per (method, data, bits, column, seed); columns are tasks, avg, size, latency
+    parts = [frame[[*keys, "score"]].rename(columns={"task": "column", "score": "value"})]
+    if frame.task.nunique() > 1:  # per bit-width average over tasks, per seed, before aggregating seeds
         avg = frame.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
-        frame = pd.concat([frame, avg.assign(task=AVERAGE)], ignore_index=True)
-    grouped = frame.groupby(["method", "data", "bits", "task"]).score
+        parts.append(avg.assign(column=AVERAGE).rename(columns={"score": "value"}))
+    for measure in (SIZE, LATENCY):
+        per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
+        parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
+    long = pd.concat(parts, ignore_index=True)
+    grouped = long.groupby(["method", "data", "bits", "column"]).value
     stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()})
-    means, stds, counts = (stats[c].unstack(["bits", "task"]) for c in ("mean", "std", "n"))
-    columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), c[1] == AVERAGE, c[1]))
+    means, stds, counts = (stats[c].unstack(["bits", "column"]) for c in ("mean", "std", "n"))
+    kernels = (
+        frame.dropna(subset=["kernel"])
+        .groupby(["method", "data", "bits"])
+        .kernel.agg(lambda k: "/".join(sorted(set(k))))
+    )
+    means, stds, counts = _add_speedup(means, stds, counts, kernels)
+    columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), _column_order(c[1]), c[1]))
     index = sorted(means.index, key=lambda i: (i[0] != "fp32", i[0], i[1]))
     means, stds, counts = (t.reindex(index=index, columns=columns) for t in (means, stds, counts))
 
-    def show(mean, std, n):
+    def show(i, j):
+        mean, std, n = means.iat[i, j], stds.iat[i, j], counts.iat[i, j]
         if pd.isna(mean):
             return ""
-        return f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+        text = f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+        bits, column = columns[j]
+        if column == LATENCY:
+            text += f" ({kernels.get((*index[i], bits), '?')})"
+        elif column == SPEEDUP:
+            text = f"x{mean:.2f}"
+        return text
 
     table = pd.DataFrame(
-        [
-            [show(means.iat[i, j], stds.iat[i, j], counts.iat[i, j]) for j in range(len(columns))]
-            for i in range(len(index))
-        ],
+        [[show(i, j) for j in range(len(columns))] for i in range(len(index))],
         index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
-        columns=pd.MultiIndex.from_tuples(columns, names=["bits", "task"]),
+        columns=pd.MultiIndex.from_tuples(columns, names=["bits", "column"]),
     )
     board = Leaderboard(table, means, stds, counts, rows, failed)
     board.notes = _notes(rows, failed)
@@ -128,6 +171,17 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
         "WxAy = weight bits x activation bits (A32: activations left in float32)"
     )
     notes.append("data = what the method trained/calibrated on: none (data-free), calibration, labeled")
+    if any(r.get("size_bytes") for r in rows):
+        notes.append(f"{SIZE} = the model as stored: packed low-bit weights + scales/zero points + float tensors")
+    timed = [r["latency"] for r in rows if r.get("latency")]
+    if timed:
+        shapes = sorted({f"{t.get('batch_size', '?')} x {t.get('seq_len', '?')} tokens" for t in timed})
+        threads = sorted({str(t.get("threads")) for t in timed})
+        notes.append(
+            f"{LATENCY} = forward of {', '.join(shapes)}, {', '.join(threads)} thread(s), median of "
+            f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up; kernel in parentheses "
+            "(simulated = fake-quant on float matmuls); speedup vs FP32 only where a real low-bit kernel ran"
+        )
     seeds = sorted({r["seed"] for r in rows})
     notes.append(f"seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
     limits = sorted({r.get("limit") for r in rows if r.get("limit")})

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from bench import models, provenance
 from bench.api import MethodContext, QuantSpec, apply_overrides
 from bench.errors import PluginError, unknown
+from bench.metrics.latency import model_latency, token_inputs
+from bench.metrics.size import fp32_size_bytes, size_bytes
 from bench.plugins import Plugins
 from bench.quant import DEFAULT_KEEP_FP, summarize
 from bench.results import ResultStore
@@ -33,6 +35,7 @@ from bench.training import seed_everything
 log = logging.getLogger(__name__)
 
 REFERENCE_METHOD = "fp32"
+LATENCY_TOKENS, LATENCY_WARMUP, LATENCY_REPEATS = 128, 3, 20
 TASK_SCOPE = "task"  # --set task.FIELD=V: every task of the run that has FIELD
 
 
@@ -159,11 +162,20 @@ def _check_shared_task_settings(tasks: list, settings: dict[str, dict[str, str]]
 class Runner:
     """Runs planned cells into a result store, one FP model per (task, model, seed) group."""
 
-    def __init__(self, plugins: Plugins, store: ResultStore, resolved: models.ResolvedModel, device: str = "cpu"):
+    def __init__(
+        self,
+        plugins: Plugins,
+        store: ResultStore,
+        resolved: models.ResolvedModel,
+        device: str = "cpu",
+        *,
+        latency: bool = True,
+    ):
         self.plugins = plugins
         self.store = store
         self.resolved = resolved
         self.device = device
+        self.latency = latency
         self._data: dict[str, object] = {}
 
     def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
@@ -248,6 +260,8 @@ class Runner:
                 )
             preds, refs = task.predict(model, tokenizer, data, limit=cell.limit, device=self.device, recipe=recipe)
             metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
+            footprint = {"size_bytes": size_bytes(model), "fp32_size_bytes": fp32_size_bytes(model)}
+            latency = self._latency(model) if self.latency else None
         except Exception as exc:
             log.error("cell %s failed: %s: %s", cell.key, type(exc).__name__, exc)
             log.debug("%s", traceback.format_exc())
@@ -261,6 +275,8 @@ class Runner:
             data_used=method.data_used,
             quantized=summarize(model),
             finetune=ft_info,
+            latency=latency,
+            **footprint,
         )
         log.info(
             "%s %s %s seed %d: %s=%.4f (%.1f s)",
@@ -273,6 +289,15 @@ class Runner:
             row["wall_time_s"],
         )
         return row
+
+    def _latency(self, model) -> dict | None:
+        """Batch 1 x LATENCY_TOKENS forward on real CPU kernels where torch has them; the kernel is named."""
+        if self.device != "cpu":
+            log.info("latency is measured with CPU kernels only; skipped on %s", self.device)
+            return None
+        inputs = token_inputs(LATENCY_TOKENS, model.config.vocab_size)
+        stats = model_latency(model, inputs, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
+        return {**stats, "batch_size": 1, "seq_len": LATENCY_TOKENS}
 
     def _row(self, cell, task_entry, method_entry, *, started, t0=None, error=None, data=None) -> dict:
         spec = cell.spec
@@ -305,6 +330,7 @@ class Runner:
             "sharpness": None,
             "latency": None,
             "size_bytes": None,
+            "fp32_size_bytes": None,
             "status": "failed" if error is not None else "ok",
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
             "started": started,

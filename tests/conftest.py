@@ -6,6 +6,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Small-model tests are dominated by tiny ops: one thread is faster and steadier on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,10 @@ import pytest
 from bench.cli import main
 
 BAD_RUNS = [
-    (["--methods", "rtm"], "unknown method 'rtm' (did you mean 'rtn'?); choose from: fp32, rtn"),
+    (
+        ["--methods", "rtm"],
+        "unknown method 'rtm' (did you mean 'rtn'?); choose from: awq, fp32, gptq, rtn, smoothquant",
+    ),
     (["--tasks", "sst3"], "unknown task 'sst3' (did you mean 'sst2'?)"),
     (["--model", "minilx"], "unknown model 'minilx' (did you mean 'minilm'?)"),
     (["--bits", "0"], "--bits: 0 is out of range; choose from 2..8"),
@@ -23,7 +26,7 @@ BAD_RUNS = [
     (["--set", "sst2.epochs=two"], "sst2.epochs='two': expected int"),
     (["--set", "sst2.lrr=1"], "unknown setting of 'sst2' 'lrr' (did you mean 'lr'?)"),
     (["--set", "task.lrr=1"], "unknown setting of 'task' 'lrr' (did you mean 'lr'?)"),
-    (["--set", "gptq.damp=1"], "unknown --set scope 'gptq'; choose from: rtn, sst2, task"),
+    (["--set", "gptq.damp=1"], "unknown --set scope 'gptq'; choose from: rtn, sst2, task"),  # not in --methods
     (["--set", "nonsense"], "--set 'nonsense': expected SCOPE.FIELD=VALUE"),
     (["--granularity", "per-group", "--group-size", "0"], "group size 0: must be a positive number"),
     (["--limit", "0"], "--limit 0: must be a positive number of examples"),

@@ -7,7 +7,7 @@ the one place that runs the calibration forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def linear_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
 
 
 def _token_mask(batch: dict) -> torch.Tensor | None:
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # BatchEncoding too
     return mask.bool() if mask is not None else None
 
 

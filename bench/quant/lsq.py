@@ -20,8 +20,9 @@ from bench.quant.uniform import QParams, group_view, int_range, ungroup
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass."""
-    return (x - x * factor).detach() + x * factor
+    """Identity in the forward pass (bit-exact, so exported grids match); gradient multiplied by ``factor``."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

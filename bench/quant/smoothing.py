@@ -84,6 +84,53 @@ def shared_input_groups(stats: dict[str, ChannelStats]) -> list[list[str]]:
     return groups
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Norm")  # nn.LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, T5LayerNorm, ...
+
+
+def _reads_channels_of(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """``x`` is ``out``, or a view of it that keeps its last (channel) dimension: BERT's pooler reads out[:, 0]."""
+    if x is out:
+        return True
+    root = out if out._base is None else out._base
+    return x._base is root and x.shape[-1] == out.shape[-1] and x.stride(-1) == out.stride(-1)
+
+
+@torch.no_grad()
+def norm_fed_layers(model: nn.Module, batch: dict, layers: dict[str, nn.Module]) -> set[str]:
+    """Names of ``layers`` whose input is a normalization layer's output (LayerNorm, RMSNorm), or a slice of it.
+
+    Those are the Linears SmoothQuant smooths (q/k/v, fc1/gate/up, BERT's pooler): 1/s folds into the
+    norm's affine weights. Found by tensor identity on one forward pass, so no architecture table is needed;
+    inputs computed from a norm's output (the attention output projection, fc2/down) are not.
+    """
+    outputs: list[torch.Tensor] = []
+    found: set[str] = set()
+
+    def on_norm(_module, _args, out):
+        if isinstance(out, torch.Tensor):
+            outputs.append(out)
+
+    def on_layer(name):
+        def hook(_module, args):
+            if any(_reads_channels_of(args[0], out) for out in outputs):
+                found.add(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(on_norm) for m in model.modules() if _is_norm(m)]
+    handles += [layer.register_forward_pre_hook(on_layer(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(**dict(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return found
+
+
 def weight_channel_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
     """max |W_:,j| over the rows of all ``weights`` (which share their input channels)."""
     return torch.cat([w.detach().abs().float() for w in weights], dim=0).amax(0)

@@ -1,0 +1,128 @@
+"""Latency with warm-up and percentiles (the optimum-benchmark recipe), on a pinned thread count.
+
+The first call of anything pays one-time costs (allocator growth, kernel weight packing, lazy init),
+so it is never timed: ``warmup`` (at least 1) untimed calls come first. Then ``repeats`` calls are timed
+one by one and summarized as p50/p90/p99/mean in milliseconds. Percentiles interpolate linearly between
+order statistics (numpy's default), so few repeats give a p99 close to the maximum. The thread count is
+set for the measurement and recorded, because CPU latency is meaningless without it; on a shared
+machine the figures are noisy, and p50 is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.quant.kernels import build_latency_model, kernel_label
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by linear interpolation between sorted values (numpy's 'linear')."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize_ms(durations_s: Sequence[float]) -> dict[str, float]:
+    ms = [d * 1000 for d in durations_s]
+    return {
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+        "mean": sum(ms) / len(ms),
+    }
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float | int]:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones; milliseconds.
+
+    Returns ``{p50, p90, p99, mean, n, warmup, threads}``. ``threads`` (default: torch's current count)
+    is pinned with ``torch.set_num_threads`` for the measurement and restored afterwards. ``clock`` (seconds)
+    is injectable so tests can drive it with known durations.
+    """
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: the first call pays one-time costs and is never timed")
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    previous = torch.get_num_threads()
+    pinned = previous if threads is None else int(threads)
+    torch.set_num_threads(pinned)
+    try:
+        for _ in range(warmup):
+            fn()
+        durations = []
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            durations.append(clock() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {**summarize_ms(durations), "n": repeats, "warmup": warmup, "threads": pinned}
+
+
+def latency_of_model(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float | int]:
+    """``measure`` of ``model(**inputs)`` in eval mode under ``torch.inference_mode`` (no autograd cost)."""
+    was_training = model.training
+    model.eval()
+
+    def forward():
+        with torch.inference_mode():
+            model(**inputs)
+
+    try:
+        return measure(forward, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
+    finally:
+        model.train(was_training)
+
+
+def model_latency(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = None,
+    inplace: bool = False,
+) -> dict[str, Any]:
+    """A result row's ``latency``: the model on real kernels where torch has them, and which kernel ran.
+
+    Builds the latency model (a deep copy unless ``inplace``: in place saves the copy's memory but leaves
+    ``model`` on bfloat16 kernels, fit only for timing), times ``model(**inputs)`` and returns
+    ``{p50, p90, p99, mean, n, warmup, threads, kernel, kernels}`` with ``kernel`` the model-level label
+    ("fp32", "simulated", "int8pack", "int4pack", ...) and ``kernels`` the layer count per kernel.
+    """
+    fast, kernels = build_latency_model(model, inplace=inplace)
+    stats = latency_of_model(fast, inputs, warmup=warmup, repeats=repeats, threads=threads)
+    return {**stats, "kernel": kernel_label(kernels), "kernels": kernels}
+
+
+def token_inputs(
+    n_tokens: int, vocab_size: int, *, batch_size: int = 1, seed: int = 0, dtype: torch.dtype = torch.long
+) -> dict[str, torch.Tensor]:
+    """Fixed random ``input_ids`` and an all-ones ``attention_mask``: latency depends on shapes, not text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, n_tokens), generator=g, dtype=dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

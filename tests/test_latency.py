@@ -1,0 +1,105 @@
+"""Latency statistics on a fake clock with known durations, against numpy's percentiles."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.api import QuantSpec
+from bench.metrics.latency import latency_of_model, measure, model_latency, percentile, token_inputs
+from bench.quant.layers import freeze, quantize_model
+
+
+class _FakeTime:
+    """A clock that only moves when the measured function runs: call i takes durations[i] seconds."""
+
+    def __init__(self, durations):
+        self.now = 0.0
+        self.durations = list(durations)
+        self.calls = 0
+        self.reads = 0
+        self.threads_seen = []
+
+    def clock(self):
+        self.reads += 1
+        return self.now
+
+    def fn(self):
+        self.threads_seen.append(torch.get_num_threads())
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_measure_reports_numpy_percentiles_of_the_timed_calls_only():
+    warm = [5.0, 2.0, 1.0]  # seconds: the first calls are slow and must not be counted
+    timed = [0.010, 0.012, 0.011, 0.030, 0.009, 0.010, 0.050, 0.013, 0.011, 0.010, 0.012]
+    fake = _FakeTime(warm + timed)
+    stats = measure(fake.fn, warmup=3, repeats=len(timed), clock=fake.clock)
+    ms = np.array(timed) * 1000
+    for q in (50, 90, 99):
+        assert stats[f"p{q}"] == pytest.approx(np.percentile(ms, q), rel=1e-12)
+    assert stats["mean"] == pytest.approx(ms.mean(), rel=1e-12)
+    assert stats["n"] == len(timed) and stats["warmup"] == 3
+    assert fake.calls == 3 + len(timed) and fake.reads == 2 * len(timed)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20, 101])
+def test_percentile_matches_numpy_linear(n):
+    values = np.random.default_rng(n).exponential(size=n).tolist()
+    for q in (0, 1, 50, 90, 99, 99.9, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-12, abs=1e-15)
+
+
+def test_first_call_is_never_timed():
+    with pytest.raises(ValueError, match="warmup"):
+        measure(lambda: None, warmup=0)
+    fake = _FakeTime([100.0, 0.001])
+    stats = measure(fake.fn, warmup=1, repeats=1, clock=fake.clock)
+    assert stats["p99"] == pytest.approx(1.0)
+
+
+def test_threads_are_pinned_recorded_and_restored():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    fake = _FakeTime([0.001] * 4)
+    stats = measure(fake.fn, warmup=1, repeats=3, threads=target, clock=fake.clock)
+    assert stats["threads"] == target and set(fake.threads_seen) == {target}
+    assert torch.get_num_threads() == before
+    assert measure(lambda: None, warmup=1, repeats=1)["threads"] == before
+
+
+class _Probe(nn.Module):
+    """A model that records how it was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen.append((torch.is_inference_mode_enabled(), self.training, tuple(input_ids.shape)))
+        return self.body(nn.functional.one_hot(input_ids, 64).float() * attention_mask[..., None])
+
+
+def test_latency_of_model_runs_in_inference_mode_and_eval():
+    model = _Probe().train()
+    ticks = iter(range(1000))
+    stats = latency_of_model(model, token_inputs(5, 64), warmup=2, repeats=4, clock=lambda: next(ticks) * 0.002)
+    assert stats["p50"] == pytest.approx(2.0) and stats["n"] == 4
+    assert model.seen == [(True, False, (1, 5))] * 6
+    assert model.training  # restored
+
+
+def test_model_latency_names_the_kernel():
+    torch.manual_seed(0)
+    model = freeze(quantize_model(_Probe(), QuantSpec(4, granularity="per-group", group_size=32)))
+    row = model_latency(model, token_inputs(3, 64), warmup=1, repeats=2)
+    assert row["kernel"] == "int4pack" and row["kernels"] == {"int4pack": 1}
+    assert set(row) >= {"p50", "p90", "p99", "mean", "n", "warmup", "threads"}
+    assert model_latency(_Probe(), token_inputs(3, 64), warmup=1, repeats=2)["kernel"] == "fp32"
+
+
+def test_token_inputs_are_fixed_by_seed():
+    a, b = token_inputs(7, 50, batch_size=2, seed=1), token_inputs(7, 50, batch_size=2, seed=1)
+    assert a["input_ids"].shape == (2, 7) and torch.equal(a["input_ids"], b["input_ids"])
+    assert int(a["input_ids"].max()) < 50 and torch.equal(a["attention_mask"], torch.ones(2, 7, dtype=torch.long))
