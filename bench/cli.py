@@ -79,7 +79,10 @@ def cmd_run(args) -> int:
 
     plugins = plugin_mod.default()
     alias = ALIASES.get(args.model.lower())
-    default_task = "wikitext2" if alias and alias.kind == "decoder" else "sst2"
+    decoder = bool(alias and alias.kind == "decoder")
+    default_task = "wikitext2" if decoder else "sst2"
+    # the papers' conventions: per-channel weights for BERT-style encoders, groups of 128 for decoders
+    granularity = args.granularity or ("per-group" if decoder else "per-channel")
     act_bits = int_list(args.act_bits, "--act-bits", BITS_CHOICES) if args.act_bits else [None]
     if len(act_bits) > 1:
         raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
@@ -92,7 +95,7 @@ def cmd_run(args) -> int:
         seeds=int_list(args.seeds, "--seeds"),
         model=args.model,
         act_bits=act_bits[0],
-        granularity=args.granularity,
+        granularity=granularity,
         group_size=args.group_size,
         symmetric=not args.asymmetric,
         embeddings=args.quantize_embeddings,
@@ -276,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--granularity",
-        default="per-channel",
-        help="weight scale granularity: per-tensor, per-channel (default) or per-group",
+        default=None,
+        help="weight scale granularity: per-tensor, per-channel or per-group; default per-channel for encoders, "
+        "per-group (--group-size 128) for decoders",
     )
     run.add_argument("--group-size", type=int, default=128, help="group size for per-group; default 128")
     run.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (default symmetric)")
