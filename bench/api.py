@@ -75,6 +75,12 @@ class MethodContext:
     calibration: Callable[[int], list[dict]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def calibration_batches(self, n: int, method: str) -> list[dict]:
+        """``n`` calibration samples as batches, or a clear error for a method that needs them and got none."""
+        if self.calibration is None:
+            raise BenchError(f"{method} needs calibration data, but this cell's context provides none")
+        return self.calibration(n)
+
 
 class Method:
     """Base class of a quantization method plugin.

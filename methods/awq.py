@@ -34,7 +34,6 @@ from torch import nn
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec
 from bench.errors import BenchError
-from bench.quant.act_static import as_dict_batches
 from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import QuantLinear, freeze, quantize_model
 from bench.quant.smoothing import (
@@ -45,7 +44,7 @@ from bench.quant.smoothing import (
     shared_input_groups,
     weight_channel_mean,
 )
-from bench.quant.uniform import QParams, dequantize_int, group_view, quantize_int, range_qparams, ungroup
+from bench.quant.uniform import QParams, dequantize_int, group_view, quantize_int, shrink_search, ungroup
 
 CLIP_TOKENS = 512  # tokens used by the clip search (AutoAWQ: n_sample_token=512)
 CLIP_MAX_SHRINK = 0.5  # the clip search tries range factors down to 1 - CLIP_MAX_SHRINK (exclusive)
@@ -151,22 +150,12 @@ def search_clip(layer: QuantLinear, x: torch.Tensor, grid: int) -> QParams:
     xs = _evenly(x if layer.input_scale is None else x / layer.input_scale, CLIP_TOKENS).float()
     grouped = group_view(w, wq.granularity, wq.group_size)
     lo, hi = _minmax_range(grouped, wq.symmetric)
-    best, best_err = None, None
-    for i in range(max(1, int(CLIP_MAX_SHRINK * grid))):
-        qp = range_qparams(lo * (1 - i / grid), hi * (1 - i / grid), wq.bits, wq.symmetric)
+
+    def output_error(qp: QParams) -> torch.Tensor:
         delta = ungroup(dequantize_int(quantize_int(grouped, qp), qp), w) - w
-        err = _row_output_error(xs, delta, wq.granularity, wq.group_size)
-        if best is None:
-            best, best_err = qp, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = QParams(
-            torch.where(better, qp.scale, best.scale),
-            torch.where(better, qp.zero_point, best.zero_point),
-            qp.qmin,
-            qp.qmax,
-        )
+        return _row_output_error(xs, delta, wq.granularity, wq.group_size)
+
+    best = shrink_search(lo, hi, wq.bits, wq.symmetric, output_error, grid=grid, max_shrink=CLIP_MAX_SHRINK)
     dtype = layer.weight.dtype
     best = QParams(best.scale.to(dtype), best.zero_point.to(dtype), best.qmin, best.qmax)
     wq.freeze(layer.effective_weight(), best)
@@ -217,11 +206,9 @@ class AWQ(Method):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        if context.calibration is None:
-            raise BenchError("awq needs calibration data (context.calibration is None)")
         if self.config.grid < 1:
             raise BenchError(f"awq.grid={self.config.grid}: must be at least 1")
-        batches = as_dict_batches(context.calibration(self.config.n_samples))
+        batches = context.calibration_batches(self.config.n_samples, "awq")
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
         alphas = {}
         for stage, module in _stages(model):

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec
-from bench.errors import BenchError
 from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
 from bench.quant.gptq import HessianAccumulator, gptq_layer
 from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
@@ -46,13 +45,11 @@ class GPTQ(Method):
     Config = GPTQConfig
 
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        if context.calibration is None:
-            raise BenchError("gptq needs calibration data, but this cell's context provides none")
         cfg = self.config
         model = quantize_model(
             model, spec, keep_fp=context.keep_fp, weight_quantizer=partial(WeightQuantizer, clip=cfg.clip)
         )
-        batches = _to_device(context.calibration(cfg.n_samples), _model_device(model))
+        batches = _to_device(context.calibration_batches(cfg.n_samples, "gptq"), _model_device(model))
         for group, stop_after in _units(model, batches):
             self._quantize_group(model, batches, group, stop_after)
         return freeze(model)

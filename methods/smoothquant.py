@@ -33,7 +33,7 @@ from torch import nn
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec
 from bench.errors import BenchError
-from bench.quant.act_static import as_dict_batches, calibrate_static_activations
+from bench.quant.act_static import calibrate_static_activations
 from bench.quant.layers import QuantLinear, freeze, quantize_model
 from bench.quant.smoothing import (
     collect_channel_stats,
@@ -66,7 +66,6 @@ def smooth_model(model: nn.Module, batches: list, alpha: float, which: str = "no
     """
     if which not in ("norm", "all"):
         raise BenchError(f"smoothquant.layers={which!r}: choose norm or all")
-    batches = as_dict_batches(batches)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if which == "norm":
         chosen = norm_fed_layers(model, batches[0], layers)
@@ -95,9 +94,7 @@ class SmoothQuant(Method):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        if context.calibration is None:
-            raise BenchError("smoothquant needs calibration data (context.calibration is None)")
-        batches = context.calibration(self.config.n_samples)
+        batches = context.calibration_batches(self.config.n_samples, "smoothquant")
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
         with float_layers(m for m in model.modules() if isinstance(m, QuantLinear)):
             smooth_model(model, batches, self.config.alpha, self.config.layers)

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from tiny import padded_batches, tiny_bert
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from bench.api import MethodContext, QuantSpec
 from bench.errors import BenchError
@@ -89,8 +89,8 @@ def test_layer_output_error_lower_than_rtn_with_large_input_channel(bits, granul
 
 def test_alpha_zero_reproduces_rtn_exactly():
     assert torch.equal(awq_scales(torch.rand(10) * 5, 0.0), torch.ones(10))
-    fp = _tiny_bert()
-    batches = _batches(2, seed=1)
+    fp = tiny_bert(outlier_scale=10.0)
+    batches = padded_batches(2, seed=1)
     spec = QuantSpec(3, granularity="per-group", group_size=16)
     awq = AWQ(AWQConfig(grid=1, clip_search=False)).quantize(copy.deepcopy(fp), spec, _context(batches))
     rtn = RTN().quantize(copy.deepcopy(fp), spec, _context(batches))
@@ -98,7 +98,7 @@ def test_alpha_zero_reproduces_rtn_exactly():
     for name, layer in awq.named_modules():
         if isinstance(layer, QuantLinear):
             assert torch.equal(layer.quantized_weight(), rtn_layers[name].quantized_weight()), name
-    held_out = _batches(1, seed=2)
+    held_out = padded_batches(1, seed=2)
     torch.testing.assert_close(_logits(awq, held_out), _logits(rtn, held_out), rtol=0, atol=0)
 
 
@@ -152,43 +152,14 @@ def test_clip_search_does_not_increase_calibration_error_per_channel():
 # --------------------------------------------------------------------------- tiny BERT end to end
 
 
-def _tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    model = BertForSequenceClassification(config).eval()
-    with torch.no_grad():  # a few large-magnitude hidden channels, as trained LMs have
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight[[3, 17]] *= 10.0
-    return model
-
-
-def _batches(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 100, (8, 16), generator=g)
-        mask = torch.ones_like(ids)
-        mask[:4, 11:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
-
 @torch.no_grad()
 def _logits(model, batches):
     return torch.cat([model(**b).logits for b in batches])
 
 
 def test_method_end_to_end_on_tiny_bert_beats_rtn_at_3_bits():
-    fp = _tiny_bert()
-    cal, held_out = _batches(3, seed=1), _batches(2, seed=2)
+    fp = tiny_bert(outlier_scale=10.0)
+    cal, held_out = padded_batches(3, seed=1), padded_batches(2, seed=2)
     reference = _logits(fp, held_out)
     spec = QuantSpec(3)
     method = AWQ()
@@ -217,7 +188,7 @@ def test_blocks_are_calibrated_on_inputs_from_the_already_quantized_earlier_bloc
         return stats, samples
 
     monkeypatch.setattr(awq_module, "collect_inputs", spy)
-    fp, cal = _tiny_bert(), _batches(2, seed=1)
+    fp, cal = tiny_bert(outlier_scale=10.0), padded_batches(2, seed=1)
     quantized = AWQ(AWQConfig(max_tokens=10**6)).quantize(copy.deepcopy(fp), QuantSpec(3), _context(cal))
 
     def query_inputs(model):
@@ -234,7 +205,7 @@ def test_blocks_are_calibrated_on_inputs_from_the_already_quantized_earlier_bloc
 
 
 def test_weight_and_activation_cell_runs():
-    fp, cal = _tiny_bert(), _batches(2, seed=1)
+    fp, cal = tiny_bert(outlier_scale=10.0), padded_batches(2, seed=1)
     model = AWQ().quantize(copy.deepcopy(fp), QuantSpec(4, a_bits=8), _context(cal))
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert all(m.weight_quantizer.frozen and m.input_scale is not None for m in layers)
@@ -243,4 +214,4 @@ def test_weight_and_activation_cell_runs():
 
 def test_needs_calibration_data():
     with pytest.raises(BenchError, match="calibration"):
-        AWQ().quantize(_tiny_bert(), QuantSpec(4), MethodContext(task=None, tokenizer=None, seed=0))
+        AWQ().quantize(tiny_bert(outlier_scale=10.0), QuantSpec(4), MethodContext(task=None, tokenizer=None, seed=0))

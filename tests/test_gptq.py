@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import tiny_bert
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
@@ -182,20 +183,8 @@ def test_smoothed_layer_rejected():
 
 
 def _tiny_bert(seed=0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=16,  # many logits: a few random projections of the error would make the comparison noisy
-        initializer_range=0.1,
-    )
-    return BertForSequenceClassification(config).eval()
+    # many logits: a few random projections of the error would make the comparison noisy
+    return tiny_bert(seed, max_position_embeddings=64, num_labels=16, initializer_range=0.1)
 
 
 def _batches(n, seed, length=24, batch_size=8):

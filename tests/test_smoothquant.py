@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
+from tiny import padded_batches, tiny_bert
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.api import MethodContext, QuantSpec
 from bench.errors import BenchError
@@ -14,38 +15,6 @@ from bench.quant.layers import DEFAULT_KEEP_FP, DynamicActQuantizer, QuantLinear
 from bench.quant.smoothing import norm_fed_layers
 from methods.rtn import RTN
 from methods.smoothquant import SmoothQuant, SmoothQuantConfig, smooth_model
-
-
-def _tiny_bert(outliers: bool = True) -> nn.Module:
-    """Random 2-layer BERT; scaling two LayerNorm channels gives the systematic activation outliers of real LMs."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    model = BertForSequenceClassification(config).eval()
-    if outliers:
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.LayerNorm):
-                    module.weight[[3, 17]] *= 20.0
-    return model
-
-
-def _batches(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 100, (8, 16), generator=g)
-        mask = torch.ones_like(ids)
-        mask[:4, 11:] = 0  # some padded sequences
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
 
 # the Linears right after a LayerNorm in BERT (the ones SmoothQuant smooths by default)
 BERT_NORM_FED = (
@@ -71,8 +40,8 @@ def _rel(a, b) -> float:
 
 
 def test_smoothing_alone_leaves_outputs_unchanged_and_follows_the_formula():
-    fp = _tiny_bert()
-    cal, held_out = _batches(3, seed=1), _batches(2, seed=2)
+    fp = tiny_bert(outlier_scale=20.0)
+    cal, held_out = padded_batches(3, seed=1), padded_batches(2, seed=2)
     reference = _logits(fp, held_out)
 
     # independent statistics: max |x_j| of the query input over real tokens, from a hook on the FP model
@@ -99,9 +68,9 @@ def test_smoothing_alone_leaves_outputs_unchanged_and_follows_the_formula():
 
 
 def test_norm_fed_layers_found_by_tensor_identity_in_bert_and_llama():
-    bert = quantize_model(_tiny_bert(outliers=False), QuantSpec(8))
+    bert = quantize_model(tiny_bert(), QuantSpec(8))
     layers = {n: m for n, m in bert.named_modules() if isinstance(m, QuantLinear)}
-    found = norm_fed_layers(bert, _batches(1, seed=1)[0], layers)
+    found = norm_fed_layers(bert, padded_batches(1, seed=1)[0], layers)
     assert found == {n for n in layers if n.endswith(BERT_NORM_FED)} and len(found) == 9  # not attention output, fc2
 
     torch.manual_seed(0)
@@ -167,9 +136,9 @@ def test_w8a8_error_with_outlier_channel_is_much_lower_than_rtn(act_mode):
     assert isinstance(sq.fc.act_quantizer, expected_act)
 
 
-def test_method_end_to_end_on_tiny_bert():
-    fp = _tiny_bert()
-    cal, held_out = _batches(3, seed=1), _batches(2, seed=2)
+def test_method_end_to_end_ontiny_bert(outlier_scale=20.0):
+    fp = tiny_bert(outlier_scale=20.0)
+    cal, held_out = padded_batches(3, seed=1), padded_batches(2, seed=2)
     reference = _logits(fp, held_out)
     spec = QuantSpec(8, a_bits=8)
     context = _context(cal)
@@ -194,8 +163,8 @@ def test_method_end_to_end_on_tiny_bert():
 
 
 def test_without_activation_bits_it_still_smooths():
-    fp = _tiny_bert(outliers=False)
-    model = SmoothQuant().quantize(copy.deepcopy(fp), QuantSpec(8), _context(_batches(1, seed=1)))
+    fp = tiny_bert()
+    model = SmoothQuant().quantize(copy.deepcopy(fp), QuantSpec(8), _context(padded_batches(1, seed=1)))
     body = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert all(isinstance(m.act_quantizer, nn.Identity) for m in body.values())
     assert {n for n, m in body.items() if m.input_scale is not None} == {n for n in body if n.endswith(BERT_NORM_FED)}
@@ -205,4 +174,4 @@ def test_without_activation_bits_it_still_smooths():
 def test_needs_calibration_data():
     context = MethodContext(task=None, tokenizer=None, seed=0)
     with pytest.raises(BenchError, match="calibration"):
-        SmoothQuant().quantize(_tiny_bert(), QuantSpec(8, a_bits=8), context)
+        SmoothQuant().quantize(tiny_bert(outlier_scale=20.0), QuantSpec(8, a_bits=8), context)

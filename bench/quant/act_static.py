@@ -8,7 +8,7 @@ The rounding is the shared one in ``bench.quant.uniform``: only the range is cho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -79,15 +79,6 @@ class StaticActQuantizer(nn.Module):
         return f"bits={self.bits}, {sym}, per-tensor static{state}{', frozen' if self.frozen else ''}"
 
 
-def as_dict_batches(batches: Iterable) -> list[dict]:
-    """Plain-dict copies of model-input batches.
-
-    Tokenizers return ``BatchEncoding`` (a ``UserDict``, not a ``dict``); ``stream_inputs`` only finds the
-    attention mask of a real ``dict``, so without this padding tokens would enter the statistics.
-    """
-    return [dict(b) if isinstance(b, Mapping) else b for b in batches]
-
-
 def _layer_bits(layer: QuantLinear, bits: int | None) -> int:
     if bits is not None:
         return bits
@@ -120,7 +111,7 @@ def calibrate_static_activations(
     for layer in layers.values():
         layer.act_quantizer = nn.Identity()
     try:
-        stream_inputs(model, as_dict_batches(batches), layers, on_input)
+        stream_inputs(model, batches, layers, on_input)
     finally:
         for name, layer in layers.items():
             layer.act_quantizer = previous[name]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.quant.act_static import as_dict_batches
 from bench.quant.calibration import stream_inputs
 from bench.quant.uniform import group_view, ungroup
 
@@ -61,7 +60,7 @@ def collect_channel_stats(
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of each layer's input over the calibration tokens (padding excluded)."""
     stats = {name: ChannelStats() for name in layers}
-    stream_inputs(model, as_dict_batches(batches), layers, lambda name, x: stats[name].update(x), stop_after=stop_after)
+    stream_inputs(model, batches, layers, lambda name, x: stats[name].update(x), stop_after=stop_after)
     return stats
 
 

@@ -11,6 +11,7 @@ Conventions (checked against ``torch.fake_quantize_per_channel_affine`` in the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +102,32 @@ def compute_qparams(
         if clip == "percentile":
             lo = torch.quantile(g.float(), 1 - percentile / 100, dim=1, keepdim=True).to(g.dtype).clamp_max(0)
             hi = torch.quantile(g.float(), percentile / 100, dim=1, keepdim=True).to(g.dtype).clamp_min(0)
-    best = range_qparams(lo, hi, bits, symmetric)
     if clip != "mse":
-        return best
-    best_err = _clip_error(g, best, norm)
+        return range_qparams(lo, hi, bits, symmetric)
+    return shrink_search(lo, hi, bits, symmetric, lambda qp: _clip_error(g, qp, norm), grid=grid, max_shrink=max_shrink)
+
+
+def shrink_search(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    error: Callable[[QParams], torch.Tensor],
+    *,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+) -> QParams:
+    """Per row, the range [lo, hi] * (1 - i/grid), i < max_shrink * grid, whose grid has the least ``error``.
+
+    ``error(qparams)`` returns one value per row (shape like the scale): the rounding error for MSE
+    clipping, the layer-output error for AWQ's clip search.
+    """
+    best = range_qparams(lo, hi, bits, symmetric)
+    best_err = error(best)
     for i in range(1, int(max_shrink * grid)):
         shrink = 1 - i / grid
         candidate = range_qparams(lo * shrink, hi * shrink, bits, symmetric)
-        err = _clip_error(g, candidate, norm)
+        err = error(candidate)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = QParams(
