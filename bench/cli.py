@@ -102,6 +102,7 @@ def cmd_run(args) -> int:
         settings=parse_settings(args.set),
         limit=args.limit,
         reference=not args.no_reference,
+        data_dir=args.data_dir,
     )
     cells, resolved = plan(request, plugins)
     out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -121,7 +122,7 @@ def cmd_run(args) -> int:
             }
         )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = Runner(plugins, store, resolved, device, latency=not args.no_latency).run(
+        counts = Runner(plugins, store, resolved, device, latency=not args.no_latency, data_dir=request.data_dir).run(
             cells, force=args.force, retry_failed_only=args.retry_failed
         )
         ok, failed = collect([str(out)])
@@ -163,6 +164,8 @@ def _describe(kind: str, entry) -> str:
     obj = entry.obj
     if kind == "methods":
         return f"data={obj.data_used}; {obj.description}" + _settings(obj.Config)
+    if kind == "tasks" and entry.meta.get("members"):
+        return f"group: {', '.join(entry.meta['members'])}"
     if kind == "tasks":
         return f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric})" + _settings(obj.Recipe)
     if kind == "metrics":
@@ -296,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCOPE.FIELD=VALUE",
         help="override a method setting (rtn.clip=mse), one task's recipe (sst2.lr=5e-5) or every task's "
         "(task.seq_len=512); see `bench list methods|tasks`; repeatable",
+    )
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        help="local copy of the task data (GLUE: DIR/<TASK>/{train,dev}.tsv or parquet), instead of hub/offline twin",
     )
     run.add_argument("--limit", type=int, default=None, help="cap evaluation examples (quick runs)")
     out = run.add_mutually_exclusive_group()

@@ -23,7 +23,8 @@ def register_methods(register):
 def register_tasks(register):
     """Register evaluation tasks: ``register(name, factory, *, aliases=())``.
 
-    ``factory()`` returns a ``bench.api.Task``.
+    ``factory()`` returns a ``bench.api.Task``. A group of tasks is ``register(name, None, members=(...))``:
+    ``--tasks glue`` then runs every member.
     """
 
 

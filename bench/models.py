@@ -156,8 +156,10 @@ def load_finetuned(
     from dataclasses import asdict
 
     recipe_dict = asdict(recipe)
-    key = finetune_key(model, task.name, data.fingerprint(), seed, recipe_dict)
-    final = hub.cache_root() / "finetuned" / f"{task.name}-{model.name.replace('/', '--')}-{key}"
+    # tasks that share one training set (mnli matched / mismatched) share one fine-tune
+    name = task.finetune_name or task.name
+    key = finetune_key(model, name, data.fingerprint(split="train"), seed, recipe_dict)
+    final = hub.cache_root() / "finetuned" / f"{name}-{model.name.replace('/', '--')}-{key}"
     info = {"cache_key": key, "cache_dir": str(final), "recipe": recipe_dict}
     if (final / "quantbench.json").is_file():
         log.info("using cached fine-tuned %s/%s from %s", model.name, task.name, final)

@@ -56,6 +56,7 @@ class Cell:
     recipe: dict = field(hash=False, compare=False)
     limit: int | None = None
     variant: str = field(default="", compare=False)  # non-default method settings, for the leaderboard
+    data_dir: str | None = None
 
     @property
     def config_hash(self) -> str:
@@ -80,7 +81,7 @@ class Cell:
         )
         return (
             f"{self.method}|cfg={self.config_hash}|{grid}|{self.task}|{self.model}|seed={self.seed}"
-            f"|ft={_hash(self.recipe)}|limit={self.limit}"
+            f"|ft={_hash(self.recipe)}|limit={self.limit}" + (f"|data={self.data_dir}" if self.data_dir else "")
         )
 
 
@@ -101,12 +102,13 @@ class GridRequest:
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
     limit: int | None = None
     reference: bool = True
+    data_dir: str | None = None
 
 
 def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.ResolvedModel]:
     """Validate every name and setting and expand the grid; nothing is loaded or written here."""
     methods = [plugins.methods.entry(m).name for m in request.methods]
-    tasks = [plugins.tasks.entry(t).name for t in request.tasks]
+    tasks = expand_groups(plugins, request.tasks)
     scopes = set(methods) | set(tasks) | {TASK_SCOPE}
     for scope in request.settings:
         if scope not in scopes:
@@ -126,7 +128,14 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     cells = []
     for task in tasks:
         for seed in request.seeds:
-            common = dict(task=task, model=resolved.name, seed=seed, recipe=recipes[task], limit=request.limit)
+            common = dict(
+                task=task,
+                model=resolved.name,
+                seed=seed,
+                recipe=recipes[task],
+                limit=request.limit,
+                data_dir=request.data_dir,
+            )
             if request.reference and REFERENCE_METHOD not in methods:
                 cells.append(Cell(REFERENCE_METHOD, {}, None, **common))
             for method in methods:
@@ -135,6 +144,18 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                     continue
                 cells.extend(Cell(method, configs[method], spec, **common, variant=variants[method]) for spec in specs)
     return cells, resolved
+
+
+def expand_groups(plugins: Plugins, names: list[str]) -> list[str]:
+    """Task names with groups (registered with ``members=(...)``, e.g. ``glue``) expanded, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        entry = plugins.tasks.entry(name)
+        for member in entry.meta.get("members") or (entry.name,):
+            canonical = plugins.tasks.entry(member).name
+            if canonical not in out:
+                out.append(canonical)
+    return out
 
 
 def _variant(default_config, config: dict) -> str:
@@ -170,12 +191,14 @@ class Runner:
         device: str = "cpu",
         *,
         latency: bool = True,
+        data_dir: str | None = None,
     ):
         self.plugins = plugins
         self.store = store
         self.resolved = resolved
         self.device = device
         self.latency = latency
+        self.data_dir = data_dir
         self._data: dict[str, object] = {}
 
     def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
@@ -227,7 +250,7 @@ class Runner:
 
     def _load_data(self, task):
         if task.name not in self._data:
-            self._data[task.name] = task.load()
+            self._data[task.name] = task.load(self.data_dir)
         return self._data[task.name]
 
     def _run_cell(self, cell, task_entry, task, recipe, data, fp_model, tokenizer, ft_info) -> dict:
