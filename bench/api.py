@@ -132,6 +132,14 @@ class Task:
         """``n`` unlabeled training inputs as model-input batches (no labels): PTQ calibration data."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def loss_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
+        """``n`` labeled evaluation examples as batches: what the sharpness metrics measure the loss on."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def loss(self, model, batch):
+        """The task's training loss of ``model`` on one batch from ``loss_batches``."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def predict(self, model, tokenizer, data, *, limit: int | None = None, device: str = "cpu", recipe=None):
         """Return ``(predictions, references)`` on the evaluation split."""
         raise NotImplementedError  # pragma: no cover - interface

@@ -97,9 +97,19 @@ class PerplexityTask(Task):
         return self._ids[key]
 
     def calibration_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
+        return self._random_windows(tokenizer, data, "train", n, seed=seed, device=device, recipe=recipe)
+
+    def loss_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
+        """``n`` seeded windows of the evaluation text: the loss surface sharpness metrics probe."""
+        return self._random_windows(tokenizer, data, data.eval_split, n, seed=seed, device=device, recipe=recipe)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def _random_windows(self, tokenizer, data, split, n, *, seed, device, recipe) -> list[dict]:
         recipe = recipe or LMRecipe()
-        ids = self.token_ids(tokenizer, data, "train")
-        starts = np.random.default_rng(seed).integers(0, len(ids) - recipe.calib_seq_len, size=n)
+        ids = self.token_ids(tokenizer, data, split)
+        starts = np.random.default_rng(seed).integers(0, max(1, len(ids) - recipe.calib_seq_len), size=n)
         windows = torch.stack([ids[s : s + recipe.calib_seq_len] for s in starts])
         return [
             {"input_ids": windows[i : i + recipe.calib_batch_size].to(device)}
