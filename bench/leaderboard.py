@@ -89,10 +89,12 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         board.provenance = _provenance(rows, run_dirs)
         return board
     keys = ["method", "data", "bits", "task", "seed"]
+    several_models = len({r["model"] for r in rows}) > 1  # merged run dirs of different models: never mix them
     frame = pd.DataFrame(
         {
-            "method": method_label(r),
+            "method": method_label(r) + (f" @{r['model']}" if several_models else ""),
             "data": r.get("data_used") or "-",
+            "kind": r.get("task_kind"),
             "bits": r["bits"],
             "task": r["task"],
             "seed": r["seed"],
@@ -108,8 +110,11 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
     frame = frame.sort_values("finished").drop_duplicates(keys, keep="last")
     # long form: one value per (method, data, bits, column, seed); columns are tasks, avg, size, latency
     parts = [frame[[*keys, "score"]].rename(columns={"task": "column", "score": "value"})]
-    if frame.task.nunique() > 1:  # per bit-width average over tasks, per seed, before aggregating seeds
-        avg = frame.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
+    # per bit-width average over the GLUE-style (x100) tasks, per seed, before aggregating seeds; perplexities
+    # are never averaged with accuracies
+    scored = frame[frame.kind.isin(PERCENT_KINDS)]
+    if scored.task.nunique() > 1:
+        avg = scored.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
         parts.append(avg.assign(column=AVERAGE).rename(columns={"score": "value"}))
     for measure in (SIZE, LATENCY):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]

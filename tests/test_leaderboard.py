@@ -80,6 +80,19 @@ def test_newest_row_wins_when_a_cell_was_rerun_differently():
     assert any("newest row" in n for n in board.notes)
 
 
+def test_average_only_over_percent_tasks_and_models_never_mixed():
+    rows = [
+        _row("rtn", "W4A32", "sst2", 0, 0.80),
+        _row("rtn", "W4A32", "cola", 0, 0.40),
+        _row("rtn", "W4A32", "wikitext2", 0, 20.0, kind="language-modeling"),
+    ]
+    board = build(rows, [], [])
+    assert board.table.loc[("rtn", "none"), ("W4A32", "avg")] == "60.00"
+    other = {**_row("rtn", "W4A32", "sst2", 0, 0.5), "model": "other"}
+    board = build([rows[0], other], [], [])
+    assert sorted(board.table.index) == [("rtn @m", "none"), ("rtn @other", "none")]
+
+
 def test_empty_board():
     board = build([], [], [])
     assert board.table.empty and "no finished cells yet" in board.notes
