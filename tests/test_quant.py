@@ -280,3 +280,21 @@ def test_embedding_quantization_is_opt_in_and_per_row():
     expected = fake_quantize(model2[0].weight, 4)[ids]  # per row = per token vector
     torch.testing.assert_close(model2[0](ids), expected)
     assert summarize(model2)["quantized_embeddings"] == ["0"]
+
+
+def test_eval_cache_of_quantized_weight_follows_every_edit():
+    from bench.quant import WeightQuantizer
+
+    torch.manual_seed(0)
+    layer = QuantLinear(nn.Linear(32, 8), WeightQuantizer(QuantSpec(4)))
+    layer.weight_quantizer.freeze(layer.weight)
+    with torch.no_grad():
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first  # cached while nothing changes
+        layer.weight.mul_(0.5)  # an in-place edit (as GPTQ/AWQ do) invalidates it
+        torch.testing.assert_close(layer.quantized_weight(), layer.weight_quantizer(layer.weight))
+        layer.weight_quantizer.freeze(layer.weight)  # a new grid too
+        torch.testing.assert_close(layer.quantized_weight(), fake_quantize(layer.weight, 4))
+        layer.input_scale = torch.full((32,), 2.0)  # and smoothing
+        torch.testing.assert_close(layer.quantized_weight(), layer.weight_quantizer(layer.weight * 2.0))
+    assert layer.quantized_weight().requires_grad  # with gradients on, never cached
