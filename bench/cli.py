@@ -110,6 +110,8 @@ def cmd_run(args) -> int:
     if store.path.exists():
         store.rows()  # a corrupt results file is reported before any work starts
     device = args.device or _default_device()
+    runner = Runner(plugins, store, resolved, device, latency=not args.no_latency, data_dir=request.data_dir)
+    runner.preload(runner.pending(cells, force=args.force, retry_failed_only=args.retry_failed))
     with store.lock():
         meta = store.meta()
         planned = sorted(set(meta.get("planned", [])) | {c.key for c in cells})
@@ -122,9 +124,7 @@ def cmd_run(args) -> int:
             }
         )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = Runner(plugins, store, resolved, device, latency=not args.no_latency, data_dir=request.data_dir).run(
-            cells, force=args.force, retry_failed_only=args.retry_failed
-        )
+        counts = runner.run(cells, force=args.force, retry_failed_only=args.retry_failed)
         ok, failed = collect([str(out)])
         board = build(ok, failed, [str(out)])
         for fmt in RUN_FORMATS:

@@ -201,12 +201,22 @@ class Runner:
         self.data_dir = data_dir
         self._data: dict[str, object] = {}
 
-    def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
+    def pending(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> list[Cell]:
+        """The cells a run would execute: not yet ok (all with ``force``; only failed ones when retrying)."""
         latest = self.store.latest()
-        done = {k for k, r in latest.items() if r.get("status") == "ok"}
-        todo = [c for c in cells if force or c.key not in done]
+        todo = [c for c in cells if force or latest.get(c.key, {}).get("status") != "ok"]
         if retry_failed_only:
             todo = [c for c in todo if latest.get(c.key, {}).get("status") == "failed"]
+        return todo
+
+    def preload(self, cells: list[Cell]) -> None:
+        """Load the data of every task these cells need, so a missing dataset is a user error (exit 2)
+        before anything is written, not a grid of failed cells."""
+        for name in dict.fromkeys(c.task for c in cells):
+            self._load_data(self.plugins.tasks.get(name)())
+
+    def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
+        todo = self.pending(cells, force=force, retry_failed_only=retry_failed_only)
         counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ok": 0, "failed": 0}
         if not todo:
             log.info("all %d cells already done; nothing to run (use --force to redo)", len(cells))

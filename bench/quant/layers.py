@@ -55,8 +55,12 @@ class WeightQuantizer(nn.Module):
         return compute_qparams(grouped, self.bits, self.symmetric, self.clip)
 
     def freeze(self, w: torch.Tensor, qparams: QParams | None = None) -> None:
-        qp = qparams if qparams is not None else self.qparams(w)
+        if qparams is None:  # the grid of ``w`` itself, even when an older grid is frozen
+            grouped = group_view(w, self.granularity, self.group_size)
+            qparams = compute_qparams(grouped, self.bits, self.symmetric, self.clip)
+        qp = qparams
         self.scale, self.zero_point = qp.scale.detach().clone(), qp.zero_point.detach().clone()
+        self.generation = getattr(self, "generation", 0) + 1  # invalidates cached quantized weights
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(
@@ -102,10 +106,9 @@ def _cached_quantized(layer: nn.Module, effective_weight) -> torch.Tensor:
     if torch.is_grad_enabled() or not getattr(quantizer, "frozen", False) or isinstance(quantizer, nn.Identity):
         layer.__dict__.pop("_qcache", None)
         return quantizer(effective_weight())
-    w, scale, smooth = layer.weight, getattr(quantizer, "scale", None), getattr(layer, "input_scale", None)
-    key = tuple(
-        (t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else None
-        for t in (w, scale, smooth, getattr(quantizer, "step", None))
+    tensors = (layer.weight, getattr(layer, "input_scale", None), getattr(quantizer, "step", None))
+    key = (getattr(quantizer, "generation", 0),) + tuple(
+        (t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else None for t in tensors
     )
     cached = layer.__dict__.get("_qcache")
     if cached is None or cached[0] != key:
@@ -131,6 +134,11 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
         self.register_buffer("input_scale", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "input_scale", "weight_quantizer"):
+            self.__dict__.pop("_qcache", None)  # a replaced tensor may reuse the old one's memory address
+        super().__setattr__(name, value)
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight that gets quantized: W, or W * s when the layer is smoothed."""
