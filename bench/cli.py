@@ -22,7 +22,7 @@ log = logging.getLogger("bench")
 
 BITS_CHOICES = range(2, 9)
 RESULTS_ROOT = Path("results")
-RUN_FORMATS = ("md", "csv", "json", "html")
+RUN_FORMATS = ("md", "csv", "json", "html", "png")
 
 
 # --------------------------------------------------------------------------- value parsing
@@ -218,7 +218,8 @@ def cmd_leaderboard(args) -> int:
     text = render(board, path)
     if text is not None and fmt != "html":
         print(text)
-    print(f"wrote {path}", file=sys.stderr)
+    written = path.parent / f"{path.stem}-*.png" if fmt == "png" else path
+    print(f"wrote {written}", file=sys.stderr)
     return 0
 
 
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="directories written by `bench run`; rows of the same cell: the newest wins",
     )
-    lb.add_argument("--format", default="md", help="md, csv, json, html, or a format an installed plugin adds")
+    lb.add_argument(
+        "--format", default="md", help="md, csv, json, html, latex, png (plots), or a format an installed plugin adds"
+    )
     lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
     lb.set_defaults(func=cmd_leaderboard)
 

@@ -20,6 +20,9 @@ PERCENT_KINDS = ("classification", "regression")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP = "size MB", "p50 ms", "speedup"
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
+# columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
+LOWER_IS_BETTER = (SIZE, LATENCY, "sharpness")
+LOWER_IS_BETTER_KINDS = ("language-modeling",)
 
 
 @dataclass
@@ -35,6 +38,34 @@ class Leaderboard:
 
     def flat_columns(self) -> list[str]:
         return [f"{bits} {column}" for bits, column in self.table.columns]
+
+    def lower_is_better(self, column: str) -> bool:
+        """Direction of a column: perplexity-like scores, size, latency and sharpness are better when smaller."""
+        if column in LOWER_IS_BETTER:
+            return True
+        return any(r["task"] == column and r.get("task_kind") in LOWER_IS_BETTER_KINDS for r in self.rows)
+
+    def best(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """Per (bits, column), the index (method, data) of the best non-FP32 row: the one every reporter marks.
+
+        Decided here once so md, html and latex always mark the same cell. FP32 is the reference, not a
+        contender; a column with fewer than two contenders marks nothing (a lone value is not "best").
+        Ties go to the first row in table order.
+        """
+        best = {}
+        for bits, column in self.means.columns:
+            if bits == "FP32":
+                continue
+            values = self.means[(bits, column)].dropna()
+            values = values[[not is_reference(method) for method, _ in values.index]]
+            if len(values) >= 2:
+                best[(bits, column)] = values.idxmin() if self.lower_is_better(column) else values.idxmax()
+        return best
+
+
+def is_reference(method: str) -> bool:
+    """The FP32 row, also as 'fp32[variant]' or 'fp32 @model' (labels from ``method_label`` and merged models)."""
+    return re.split(r"[\[ ]", method, maxsplit=1)[0] == "fp32"
 
 
 def _bits_order(label: str) -> tuple:
@@ -114,8 +145,11 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
     # are never averaged with accuracies
     scored = frame[frame.kind.isin(PERCENT_KINDS)]
     if scored.task.nunique() > 1:
-        avg = scored.groupby(["method", "data", "bits", "seed"], as_index=False).score.mean()
-        parts.append(avg.assign(column=AVERAGE).rename(columns={"score": "value"}))
+        # only rows that ran every such task get an average: a partial average would look comparable
+        groups = scored.groupby(["method", "data", "bits", "seed"], as_index=False).score
+        avg = groups.agg(value="mean", n="count")
+        avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
+        parts.append(avg.assign(column=AVERAGE))
     for measure in (SIZE, LATENCY):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
@@ -207,6 +241,8 @@ def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
         "quantbench": versions["quantbench"],
         "torch": versions["torch"],
         "transformers": versions["transformers"],
+        "model": "; ".join(sorted({f"{r['model']} ({r.get('model_source') or '?'})" for r in rows})) or "-",
+        "data": "; ".join(sorted({f"{r['task']} ({r.get('data_source') or '?'})" for r in rows})) or "-",
         "git_commit (runs)": ", ".join(commits) or "-",
         "machine": ", ".join(
             sorted(

@@ -1,0 +1,190 @@
+"""Every leaderboard format from synthetic rows: files written, best cells marked, LaTeX escaped, plots valid."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench import plugins
+from bench.leaderboard import build
+from bench.plots import SHARPNESS, pareto_front, write_plots
+from bench.reporters import latex_escape
+
+MB = 2**20
+SPECIAL = "clip_mse&50%"  # a variant whose label needs LaTeX escaping
+
+
+def _row(method, bits, task, score, *, seed=0, variant="", data="none", size=None, p50=None, sharp=None):
+    kind = "language-modeling" if task == "wikitext2" else "classification"
+    return {
+        "method": method,
+        "variant": variant,
+        "bits": bits,
+        "task": task,
+        "seed": seed,
+        "score": score,
+        "task_kind": kind,
+        "data_used": data,
+        "primary_metric": "perplexity" if kind == "language-modeling" else "accuracy",
+        "model": "m",
+        "model_source": "package:x",
+        "data_source": "offline:y",
+        "finished": "1",
+        "status": "ok",
+        "size_bytes": size,
+        "latency": {"p50": p50, "kernel": "fp32" if bits == "FP32" else "simulated"} if p50 else None,
+        "sharpness": {"value": sharp} if sharp is not None else None,
+    }
+
+
+def _rows():
+    """fp32 reference; rtn (data-free) and gptq (calibration) at W8/W4; gptq scores better, rtn is smaller."""
+    rows = [_row("fp32", "FP32", t, s, size=90 * MB, p50=10.0) for t, s in (("sst2", 0.9), ("cola", 0.5))]
+    rows.append(_row("fp32", "FP32", "wikitext2", 14.6, size=90 * MB, p50=10.0))
+    for method, data, gain, scale in (("rtn", "none", 0.0, 1.0), ("gptq", "calibration", 0.02, 1.1)):
+        for w, drop in ((8, 0.01), (4, 0.08)):
+            cell = {"data": data, "size": w * 3 * scale * MB, "p50": 4.0 + w * scale, "sharp": 10 * drop - gain}
+            for seed in (0, 1):
+                rows.append(_row(method, f"W{w}A32", "sst2", 0.9 - drop + gain + 0.01 * seed, seed=seed, **cell))
+                rows.append(_row(method, f"W{w}A32", "cola", 0.5 - drop + gain, seed=seed, **cell))
+                rows.append(_row(method, f"W{w}A32", "wikitext2", 14.6 + 40 * drop - 10 * gain, seed=seed, **cell))
+    rows += [
+        _row("rtn", "W4A32", t, s, variant=SPECIAL, size=13 * MB, p50=9.0) for t, s in (("sst2", 0.7), ("cola", 0.3))
+    ]
+    return rows
+
+
+def _with_sharpness(board):
+    """The sharpness column the leaderboard will carry (added here until ``build`` makes it), mean over seeds."""
+    if any(column == SHARPNESS for _, column in board.means.columns):
+        return board
+    frame = pd.DataFrame(
+        {"index": (r["method"], r["data_used"]), "bits": r["bits"], "value": r["sharpness"]["value"]}
+        for r in board.rows
+        if r.get("sharpness")
+    )
+    for bits, values in frame.groupby("bits"):
+        mean = values.groupby("index").value.mean().reindex(board.means.index)
+        board.means[(bits, SHARPNESS)] = mean
+        board.stds[(bits, SHARPNESS)] = float("nan")
+        board.counts[(bits, SHARPNESS)] = mean.notna().astype(int)
+        board.table[(bits, SHARPNESS)] = [f"{v:.2f}" if v == v else "" for v in mean]
+    return board
+
+
+@pytest.fixture(scope="module")
+def board():
+    return _with_sharpness(build(_rows(), [], ["runs/a"]))
+
+
+@pytest.fixture(scope="module")
+def rendered(board, tmp_path_factory):
+    """Every built-in format rendered once into one directory, as `bench run` leaves a run dir."""
+    out = tmp_path_factory.mktemp("board")
+    reporters = plugins.load().reporters
+    texts = {fmt: reporters.get(fmt)(board, out / f"leaderboard.{fmt}") for fmt in reporters.names()}
+    return out, texts
+
+
+def test_best_per_column_follows_each_metric_direction(board):
+    best = board.best()
+    assert best[("W4A32", "sst2")] == ("gptq", "calibration")  # accuracy: higher is better
+    assert best[("W4A32", "avg")] == ("gptq", "calibration")
+    assert best[("W4A32", "wikitext2")] == ("gptq", "calibration")  # perplexity: the lower one
+    assert best[("W4A32", "size MB")] == ("rtn", "none")  # size: smaller
+    assert best[("W8A32", "p50 ms")] == ("rtn", "none")  # latency: faster
+    assert best[("W4A32", SHARPNESS)] == ("gptq", "calibration")  # sharpness: flatter
+    assert not any(bits == "FP32" for bits, _ in best)  # the reference is not a contender
+    assert board.lower_is_better("wikitext2") and not board.lower_is_better("sst2")
+
+
+def test_a_lone_value_is_not_marked_best():
+    rows = [_row("fp32", "FP32", "sst2", 0.9), _row("rtn", "W4A32", "sst2", 0.8), _row("rtn", "W8A32", "sst2", 0.85)]
+    assert build(rows, [], []).best() == {}
+
+
+def test_every_format_writes_its_files(rendered):
+    out, texts = rendered
+    for fmt in ("md", "csv", "json", "html", "latex"):
+        assert (out / f"leaderboard.{fmt}").read_text().strip() == texts[fmt].strip()
+    assert texts["png"] is None
+    for name in ("leaderboard-bits.png", "leaderboard-pareto.png", "leaderboard-sharpness.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_md_bolds_exactly_the_best_cells(board, rendered):
+    _, texts = rendered
+    md = texts["md"]
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert sum(line.count("**") for line in table) == 2 * len(board.best())
+    for column, index in board.best().items():
+        shown = board.table.at[index, column]
+        assert f"**{shown}**" in md, (column, index)
+    assert "**82.50 ± 0.71**" not in md and "**84.50 ± 0.71**" in md  # rtn W4 sst2 loses to gptq
+
+
+def test_html_marks_best_cells_with_a_class_and_embeds_plots(board, rendered):
+    out, texts = rendered
+    page = texts["html"]
+    marked = re.findall(r'<td[^>]*class="[^"]*\bbest\b[^"]*"[^>]*>([^<]*)</td>', page)
+    assert sorted(marked) == sorted(board.table.at[i, c] for c, i in board.best().items())
+    for name in ("leaderboard-bits.png", "leaderboard-pareto.png", "leaderboard-sharpness.png"):
+        assert f'<img src="{name}"' in page and (out / name).exists()
+    assert "model</dt><dd>m (package:x)" in page and "offline:y" in page and "torch</dt>" in page
+
+
+def test_json_flags_the_best_cells(rendered):
+    _, texts = rendered
+    data = json.loads(texts["json"])
+    gptq = next(e for e in data["leaderboard"] if e["method"] == "gptq")
+    rtn = next(e for e in data["leaderboard"] if e["method"] == "rtn")
+    assert gptq["scores"]["W4A32"]["sst2"]["best"] is True and "best" not in rtn["scores"]["W4A32"]["sst2"]
+    assert rtn["scores"]["W4A32"]["size MB"]["best"] is True
+
+
+def test_latex_is_booktabs_escaped_and_bolds_the_best(board, rendered):
+    _, texts = rendered
+    tex = texts["latex"]
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\multicolumn"):
+        assert rule in tex
+    assert r"rtn[clip\_mse\&50\%]" in tex and SPECIAL not in tex
+    assert r"84.50 $\pm$ 0.71" in tex and "±" not in tex.split(r"\begin{table}")[1]
+    assert tex.count(r"\textbf{") == len(board.best())
+
+
+def test_latex_escape_handles_every_special_character():
+    assert latex_escape(r"a_b&c%d$e#f{g}h~i^j\k") == (
+        r"a\_b\&c\%d\$e\#f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k"
+    )
+
+
+def test_plots_are_valid_images(rendered):
+    out, _ = rendered
+    for name in ("leaderboard-bits.png", "leaderboard-pareto.png", "leaderboard-sharpness.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 400 and image.height > 250
+            assert len(image.convert("L").getcolors(maxcolors=1 << 16) or range(256)) > 10  # not a blank canvas
+
+
+def test_no_sharpness_plot_without_the_column_and_nothing_for_an_empty_board(tmp_path):
+    written = write_plots(build(_rows(), [], []), tmp_path, "b")
+    assert [p.name for p in written] == ["b-bits.png", "b-pareto.png"]
+    assert write_plots(build([], [], []), tmp_path, "e") == []
+    page = plugins.load().reporters.get("html")(build([], [], []), tmp_path / "e.html")
+    assert "no finished cells" in page and "<img" not in page
+
+
+@pytest.mark.parametrize(
+    ("scores", "higher", "front"),
+    [
+        ([50, 60, 55, 70], True, [0, 1, 3]),  # costs 1..4: the 55 at cost 3 is beaten by the 60 at cost 2
+        ([20, 15, 18, 10], False, [0, 1, 3]),  # lower is better (perplexity)
+    ],
+)
+def test_pareto_front(scores, higher, front):
+    assert pareto_front([1, 2, 3, 4], scores, higher) == front
+    assert pareto_front([2, 1], [5, 5], True) == [1]  # same score, cheaper wins
