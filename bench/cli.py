@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
     from bench.leaderboard import build, collect
     from bench.models import ALIASES
     from bench.results import ResultStore
-    from bench.runner import GridRequest, Runner, plan
+    from bench.runner import GridRequest, Runner, SharpnessSettings, plan
 
     plugins = plugin_mod.default()
     alias = ALIASES.get(args.model.lower())
@@ -110,7 +110,10 @@ def cmd_run(args) -> int:
     if store.path.exists():
         store.rows()  # a corrupt results file is reported before any work starts
     device = args.device or _default_device()
-    runner = Runner(plugins, store, resolved, device, latency=not args.no_latency, data_dir=request.data_dir)
+    curvature = None if args.no_sharpness else SharpnessSettings(rho=args.rho, hessian=args.hessian)
+    runner = Runner(
+        plugins, store, resolved, device, latency=not args.no_latency, sharpness=curvature, data_dir=request.data_dir
+    )
     runner.preload(runner.pending(cells, force=args.force, retry_failed_only=args.retry_failed))
     with store.lock():
         meta = store.meta()
@@ -313,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
     run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
     run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
+    run.add_argument(
+        "--no-sharpness", action="store_true", help="skip the per-cell sharpness (loss increase in a rho-ball)"
+    )
+    run.add_argument("--rho", type=float, default=0.05, help="radius of the sharpness ball (L2, weights); default 0.05")
+    run.add_argument(
+        "--hessian",
+        action="store_true",
+        help="also measure the top Hessian eigenvalue and the Hessian trace (slow: minutes a cell on CPU)",
+    )
     run.add_argument(
         "--no-latency", action="store_true", help="skip the per-cell latency measurement (1 x 128 tokens, CPU kernels)"
     )

@@ -18,10 +18,10 @@ from bench.results import ResultStore
 
 PERCENT_KINDS = ("classification", "regression")
 AVERAGE = "avg"
-SIZE, LATENCY, SPEEDUP = "size MB", "p50 ms", "speedup"
+SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
-LOWER_IS_BETTER = (SIZE, LATENCY, "sharpness")
+LOWER_IS_BETTER = (SIZE, LATENCY, SHARPNESS)
 LOWER_IS_BETTER_KINDS = ("language-modeling",)
 
 
@@ -76,7 +76,7 @@ def _bits_order(label: str) -> tuple:
 
 
 def _column_order(column: str) -> int:
-    return {AVERAGE: 1, SIZE: 2, LATENCY: 3, SPEEDUP: 4}.get(column, 0)
+    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, LATENCY: 4, SPEEDUP: 5}.get(column, 0)
 
 
 def _add_speedup(means, stds, counts, kernels):
@@ -132,6 +132,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             "score": r["score"] * (100 if r.get("task_kind") in PERCENT_KINDS else 1),
             SIZE: r["size_bytes"] / 2**20 if r.get("size_bytes") else None,
             LATENCY: (r.get("latency") or {}).get("p50"),
+            SHARPNESS: (r.get("sharpness") or {}).get("value"),
             "kernel": (r.get("latency") or {}).get("kernel"),
             "finished": r.get("finished") or "",
         }
@@ -150,7 +151,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         avg = groups.agg(value="mean", n="count")
         avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
         parts.append(avg.assign(column=AVERAGE))
-    for measure in (SIZE, LATENCY):
+    for measure in (SHARPNESS, SIZE, LATENCY):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
     long = pd.concat(parts, ignore_index=True)
@@ -171,8 +172,9 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         mean, std, n = means.iat[i, j], stds.iat[i, j], counts.iat[i, j]
         if pd.isna(mean):
             return ""
-        text = f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
         bits, column = columns[j]
+        digits = 4 if column == SHARPNESS else 2  # loss increases are small numbers
+        text = f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
         if column == LATENCY:
             text += f" ({kernels.get((*index[i], bits), '?')})"
         elif column == SPEEDUP:
@@ -210,6 +212,13 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
         "WxAy = weight bits x activation bits (A32: activations left in float32)"
     )
     notes.append("data = what the method trained/calibrated on: none (data-free), calibration, labeled")
+    sharp = [r["sharpness"] for r in rows if r.get("sharpness")]
+    if sharp:
+        settings = sorted({f"rho {s['rho']}, {s['steps']} ascent steps" for s in sharp})
+        notes.append(
+            f"{SHARPNESS} = worst loss increase within an L2 ball around the (quantized) weights, "
+            f"{'; '.join(settings)}, on seeded evaluation examples (lower = flatter)"
+        )
     if any(r.get("size_bytes") for r in rows):
         notes.append(f"{SIZE} = the model as stored: packed low-bit weights + scales/zero points + float tensors")
     timed = [r["latency"] for r in rows if r.get("latency")]

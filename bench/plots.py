@@ -14,9 +14,15 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.leaderboard import AVERAGE, LATENCY, PERCENT_KINDS, SIZE, Leaderboard
+from bench.leaderboard import (
+    AVERAGE,
+    LATENCY,
+    PERCENT_KINDS,
+    SHARPNESS,  # noqa: E402
+    SIZE,
+    Leaderboard,
+)
 
-SHARPNESS = "sharpness"
 PANEL = (4.6, 3.4)  # inches per panel
 DPI = 110
 

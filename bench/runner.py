@@ -26,6 +26,7 @@ from bench import models, provenance
 from bench.api import MethodContext, QuantSpec, apply_overrides
 from bench.errors import PluginError, unknown
 from bench.metrics.latency import model_latency, token_inputs
+from bench.metrics.sharpness import hessian_top_eig, hessian_trace, mean_loss, sharpness
 from bench.metrics.size import fp32_size_bytes, size_bytes
 from bench.plugins import Plugins
 from bench.quant import DEFAULT_KEEP_FP, summarize
@@ -36,6 +37,23 @@ log = logging.getLogger(__name__)
 
 REFERENCE_METHOD = "fp32"
 LATENCY_TOKENS, LATENCY_WARMUP, LATENCY_REPEATS = 128, 3, 20
+
+
+@dataclass(frozen=True)
+class SharpnessSettings:
+    """Loss-surface metrics per cell, on ``examples`` seeded evaluation examples (LM tasks: windows).
+
+    Defaults keep sharpness near 30 s a cell on MiniLM with 2 cores; the Hessian metrics cost minutes
+    (one Hessian-vector product ~ two backward passes per iteration) and are opt-in.
+    """
+
+    rho: float = 0.05
+    steps: int = 5
+    examples: int = 128
+    hessian: bool = False
+    hessian_iters: int = 10
+
+
 TASK_SCOPE = "task"  # --set task.FIELD=V: every task of the run that has FIELD
 
 
@@ -191,6 +209,7 @@ class Runner:
         device: str = "cpu",
         *,
         latency: bool = True,
+        sharpness: SharpnessSettings | None = SharpnessSettings(),
         data_dir: str | None = None,
     ):
         self.plugins = plugins
@@ -198,6 +217,7 @@ class Runner:
         self.resolved = resolved
         self.device = device
         self.latency = latency
+        self.sharpness = sharpness
         self.data_dir = data_dir
         self._data: dict[str, object] = {}
 
@@ -295,6 +315,7 @@ class Runner:
             metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
             footprint = {"size_bytes": size_bytes(model), "fp32_size_bytes": fp32_size_bytes(model)}
             latency = self._latency(model) if self.latency else None
+            curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed) if self.sharpness else {}
         except Exception as exc:
             log.error("cell %s failed: %s: %s", cell.key, type(exc).__name__, exc)
             log.debug("%s", traceback.format_exc())
@@ -310,6 +331,7 @@ class Runner:
             finetune=ft_info,
             latency=latency,
             **footprint,
+            **curvature,
         )
         log.info(
             "%s %s %s seed %d: %s=%.4f (%.1f s)",
@@ -322,6 +344,23 @@ class Runner:
             row["wall_time_s"],
         )
         return row
+
+    def _curvature(self, model, task, tokenizer, data, recipe, seed: int) -> dict:
+        """Sharpness (and opt-in Hessian metrics) of the cell's model on seeded evaluation examples."""
+        cfg = self.sharpness
+        batches = task.loss_batches(tokenizer, data, cfg.examples, seed=seed, device=self.device, recipe=recipe)
+        loss_fn = mean_loss(batches, loss=task.loss, lazy=True)
+        out: dict = {}
+        try:
+            out["sharpness"] = sharpness(model, loss_fn, rho=cfg.rho, steps=cfg.steps, seed=seed)
+            if cfg.hessian:
+                out["hessian"] = {
+                    "top_eig": hessian_top_eig(model, loss_fn, iters=cfg.hessian_iters, seed=seed),
+                    "trace": hessian_trace(model, loss_fn, samples=cfg.hessian_iters, seed=seed),
+                }
+        except ValueError as exc:  # a non-finite loss: no curvature figure, but the cell's score stands
+            log.warning("sharpness not measured: %s", exc)
+        return out
 
     def _latency(self, model) -> dict | None:
         """Batch 1 x LATENCY_TOKENS forward on real CPU kernels where torch has them; the kernel is named."""
@@ -361,6 +400,7 @@ class Runner:
             "metrics": {},
             "score": None,
             "sharpness": None,
+            "hessian": None,
             "latency": None,
             "size_bytes": None,
             "fp32_size_bytes": None,

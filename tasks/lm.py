@@ -39,6 +39,7 @@ class LMRecipe:
     stride: int = 2048  # = seq_len: non-overlapping windows (GPTQ protocol)
     calib_seq_len: int = 512
     calib_batch_size: int = 8
+    loss_windows: int = 8  # at most this many calib_seq_len windows for the sharpness metrics (cost: fwd+bwd)
 
 
 def _offline_text(name: str) -> TaskData:
@@ -100,7 +101,8 @@ class PerplexityTask(Task):
         return self._random_windows(tokenizer, data, "train", n, seed=seed, device=device, recipe=recipe)
 
     def loss_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
-        """``n`` seeded windows of the evaluation text: the loss surface sharpness metrics probe."""
+        """Seeded windows of the evaluation text (at most ``loss_windows``): the loss surface sharpness probes."""
+        n = min(n, (recipe or LMRecipe()).loss_windows)
         return self._random_windows(tokenizer, data, data.eval_split, n, seed=seed, device=device, recipe=recipe)
 
     def loss(self, model, batch) -> torch.Tensor:

@@ -37,6 +37,9 @@ def test_rows_follow_the_schema(first_run):
         assert row["data_used"] == "none" and row["config_hash"] and row["key"]
         for field in ("sharpness", "latency", "size_bytes", "started", "finished", "wall_time_s"):
             assert field in row
+        assert row["sharpness"]["value"] >= 0 and row["sharpness"]["rho"] == 0.05
+        assert row["latency"]["p50"] > 0 and row["latency"]["n"] == 20 and row["latency"]["kernel"]
+        assert row["size_bytes"] < row["fp32_size_bytes"] or row["method"] == "fp32"
     rtn4 = next(r for r in rows if r["bits"] == "W4A32")
     assert rtn4["w_bits"] == 4 and rtn4["a_bits"] is None and rtn4["granularity"] == "per-channel"
     assert rtn4["quantized"]["kept_fp"] == ["classifier"] and rtn4["quantized"]["quantized_linears"] == 13

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_reporters import _rows, _with_sharpness
+from test_reporters import _rows
 
 from bench import plugins
 from bench.leaderboard import build
@@ -78,7 +78,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("html")
-    board = _with_sharpness(build(_rows(), [], ["runs/a"]))
+    board = build(_rows(), [], ["runs/a"])
     plugins.load().reporters.get("html")(board, out / "leaderboard.html")
     return board, out / "leaderboard.html"
 

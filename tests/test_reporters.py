@@ -3,7 +3,6 @@
 import json
 import re
 
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -35,7 +34,7 @@ def _row(method, bits, task, score, *, seed=0, variant="", data="none", size=Non
         "status": "ok",
         "size_bytes": size,
         "latency": {"p50": p50, "kernel": "fp32" if bits == "FP32" else "simulated"} if p50 else None,
-        "sharpness": {"value": sharp} if sharp is not None else None,
+        "sharpness": {"value": sharp, "rho": 0.05, "steps": 5} if sharp is not None else None,
     }
 
 
@@ -56,27 +55,9 @@ def _rows():
     return rows
 
 
-def _with_sharpness(board):
-    """The sharpness column the leaderboard will carry (added here until ``build`` makes it), mean over seeds."""
-    if any(column == SHARPNESS for _, column in board.means.columns):
-        return board
-    frame = pd.DataFrame(
-        {"index": (r["method"], r["data_used"]), "bits": r["bits"], "value": r["sharpness"]["value"]}
-        for r in board.rows
-        if r.get("sharpness")
-    )
-    for bits, values in frame.groupby("bits"):
-        mean = values.groupby("index").value.mean().reindex(board.means.index)
-        board.means[(bits, SHARPNESS)] = mean
-        board.stds[(bits, SHARPNESS)] = float("nan")
-        board.counts[(bits, SHARPNESS)] = mean.notna().astype(int)
-        board.table[(bits, SHARPNESS)] = [f"{v:.2f}" if v == v else "" for v in mean]
-    return board
-
-
 @pytest.fixture(scope="module")
 def board():
-    return _with_sharpness(build(_rows(), [], ["runs/a"]))
+    return build(_rows(), [], ["runs/a"])
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +152,8 @@ def test_plots_are_valid_images(rendered):
 
 
 def test_no_sharpness_plot_without_the_column_and_nothing_for_an_empty_board(tmp_path):
-    written = write_plots(build(_rows(), [], []), tmp_path, "b")
+    unmeasured = [{**r, "sharpness": None} for r in _rows()]  # a run with --no-sharpness
+    written = write_plots(build(unmeasured, [], []), tmp_path, "b")
     assert [p.name for p in written] == ["b-bits.png", "b-pareto.png"]
     assert write_plots(build([], [], []), tmp_path, "e") == []
     page = plugins.load().reporters.get("html")(build([], [], []), tmp_path / "e.html")
