@@ -120,6 +120,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def data_sources(self) -> list[str]:
+        """Where this task can get its data: "hub", "offline twin", "local (--data-dir)"."""
+        return ["hub"]
+
     def load_model(self, model):  # pragma: no cover - interface
         """``(model, tokenizer)`` for a ``bench.models.ResolvedModel``, with this task's head."""
         raise NotImplementedError

@@ -170,7 +170,15 @@ def _describe(kind: str, entry) -> str:
     if kind == "tasks" and entry.meta.get("members"):
         return f"group: {', '.join(entry.meta['members'])}"
     if kind == "tasks":
-        return f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric})" + _settings(obj.Recipe)
+        from bench import hub
+
+        sources = ", ".join(
+            f"{src} [{'off' if hub.offline() else 'on'}]" if src == "hub" else src for src in obj().data_sources()
+        )
+        return (
+            f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric}); data: {sources}"
+            + _settings(obj.Recipe)
+        )
     if kind == "metrics":
         return "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
     return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""

@@ -394,6 +394,9 @@ class GlueTask(Task):
                 raise
             raise BenchError(f"{_first_line(exc)}; or pass --data-dir DIR with {_local_hint(self.spec)}") from exc
 
+    def data_sources(self) -> list[str]:
+        return ["hub", *(["offline twin"] if self.spec.twin else []), "local (--data-dir)"]
+
     def _from_hub(self) -> TaskData:
         import datasets
 

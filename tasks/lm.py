@@ -75,6 +75,9 @@ class PerplexityTask(Task):
         twin = (lambda: _offline_text(self.offline_name)) if self.offline_name else None
         return hub.hub_or_offline(self.name, self.hub_path, self._from_hub, twin)
 
+    def data_sources(self) -> list[str]:
+        return ["hub", *(["offline twin"] if self.offline_name else [])]
+
     def _from_hub(self) -> TaskData:
         import datasets
 
