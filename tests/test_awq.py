@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny import padded_batches, tiny_bert
+from tiny import OneLinear, padded_batches, tiny_bert
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
@@ -14,15 +14,6 @@ from bench.quant.smoothing import awq_scales
 from bench.quant.uniform import fake_quantize
 from methods.awq import AWQ, AWQConfig, _row_output_error
 from methods.rtn import RTN
-
-
-class _OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.fc = linear
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 def _inputs(seed: int, n: int = 512) -> torch.Tensor:
@@ -35,9 +26,9 @@ def _inputs(seed: int, n: int = 512) -> torch.Tensor:
     return x
 
 
-def _linear() -> _OneLinear:
+def _linear() -> OneLinear:
     torch.manual_seed(0)
-    return _OneLinear(nn.Linear(64, 48))
+    return OneLinear(nn.Linear(64, 48))
 
 
 def _context(batches, keep_fp=DEFAULT_KEEP_FP) -> MethodContext:

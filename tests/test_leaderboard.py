@@ -3,28 +3,14 @@
 import json
 
 import pytest
+from tiny import result_row
 
 from bench import plugins
 from bench.leaderboard import build
 
 
-def _row(method, bits, task, seed, score, *, variant="", kind="classification", data="none", finished="1"):
-    return {
-        "method": method,
-        "variant": variant,
-        "bits": bits,
-        "task": task,
-        "seed": seed,
-        "score": score,
-        "task_kind": kind,
-        "data_used": data,
-        "primary_metric": "accuracy",
-        "model": "m",
-        "model_source": "package:x",
-        "data_source": "offline:y",
-        "finished": finished,
-        "status": "ok",
-    }
+def _row(method, bits, task, seed, score, **kw):
+    return result_row(method, bits, task, score, seed=seed, **kw)
 
 
 @pytest.fixture

@@ -12,30 +12,9 @@ from bench.plots import SHARPNESS, pareto_front, write_plots
 from bench.reporters import latex_escape
 
 MB = 2**20
+from tiny import result_row as _row  # noqa: E402
+
 SPECIAL = "clip_mse&50%"  # a variant whose label needs LaTeX escaping
-
-
-def _row(method, bits, task, score, *, seed=0, variant="", data="none", size=None, p50=None, sharp=None):
-    kind = "language-modeling" if task == "wikitext2" else "classification"
-    return {
-        "method": method,
-        "variant": variant,
-        "bits": bits,
-        "task": task,
-        "seed": seed,
-        "score": score,
-        "task_kind": kind,
-        "data_used": data,
-        "primary_metric": "perplexity" if kind == "language-modeling" else "accuracy",
-        "model": "m",
-        "model_source": "package:x",
-        "data_source": "offline:y",
-        "finished": "1",
-        "status": "ok",
-        "size_bytes": size,
-        "latency": {"p50": p50, "kernel": "fp32" if bits == "FP32" else "simulated"} if p50 else None,
-        "sharpness": {"value": sharp, "rho": 0.05, "steps": 5} if sharp is not None else None,
-    }
 
 
 def _rows():

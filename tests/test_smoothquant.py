@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny import padded_batches, tiny_bert
+from tiny import OneLinear, padded_batches, tiny_bert
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,15 +84,6 @@ def test_norm_fed_layers_found_by_tensor_identity_in_bert_and_llama():
     assert found == {n for n in layers if n.endswith(expected)} and len(found) == 10  # not o_proj/down_proj
 
 
-class _OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.fc = linear
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 OUTLIERS = {5: 60.0, 40: 30.0}  # input channel -> magnitude factor
 
 
@@ -109,7 +100,7 @@ def _outlier_linear() -> nn.Module:
     """A Linear whose outlier-channel weights are small (as after a LayerNorm with large gains), so the
     outlier channels do not dominate the output."""
     torch.manual_seed(0)
-    model = _OneLinear(nn.Linear(64, 64))
+    model = OneLinear(nn.Linear(64, 64))
     with torch.no_grad():
         for channel, factor in OUTLIERS.items():
             model.fc.weight[:, channel] /= factor**0.5
