@@ -19,9 +19,10 @@ from bench.results import ResultStore
 PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
+DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p50); p50 ms is then the prefill
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
-LOWER_IS_BETTER = (SIZE, LATENCY, SHARPNESS)
+LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS)
 LOWER_IS_BETTER_KINDS = ("language-modeling",)
 
 
@@ -76,7 +77,7 @@ def _bits_order(label: str) -> tuple:
 
 
 def _column_order(column: str) -> int:
-    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, LATENCY: 4, SPEEDUP: 5}.get(column, 0)
+    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, LATENCY: 4, DECODE: 5, SPEEDUP: 6}.get(column, 0)
 
 
 def _add_speedup(means, stds, counts, kernels):
@@ -133,6 +134,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             SIZE: r["size_bytes"] / 2**20 if r.get("size_bytes") else None,
             LATENCY: (r.get("latency") or {}).get("p50"),
             SHARPNESS: (r.get("sharpness") or {}).get("value"),
+            DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
             "kernel": (r.get("latency") or {}).get("kernel"),
             "finished": r.get("finished") or "",
         }
@@ -151,7 +153,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         avg = groups.agg(value="mean", n="count")
         avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
         parts.append(avg.assign(column=AVERAGE))
-    for measure in (SHARPNESS, SIZE, LATENCY):
+    for measure in (SHARPNESS, SIZE, LATENCY, DECODE):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
     long = pd.concat(parts, ignore_index=True)
@@ -230,6 +232,8 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
             f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up; kernel in parentheses "
             "(simulated = fake-quant on float matmuls); speedup vs FP32 only where a real low-bit kernel ran"
         )
+        if any(t.get("decode") for t in timed):
+            notes.append(f"decoders: {LATENCY} is the prefill; {DECODE} = one generated token on the prompt's KV cache")
     seeds = sorted({r["seed"] for r in rows})
     notes.append(f"seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
     limits = sorted({r.get("limit") for r in rows if r.get("limit")})

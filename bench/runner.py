@@ -368,8 +368,10 @@ class Runner:
             log.info("latency is measured with CPU kernels only; skipped on %s", self.device)
             return None
         inputs = token_inputs(LATENCY_TOKENS, model.config.vocab_size)
-        stats = model_latency(model, inputs, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
-        return {**stats, "batch_size": 1, "seq_len": LATENCY_TOKENS}
+        # decoders: the 128-token forward is the prefill, and one generated token on its KV cache is the decode
+        decoder = hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()
+        stats = model_latency(model, inputs, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS, decode=decoder)
+        return {**stats, "batch_size": 1, "seq_len": LATENCY_TOKENS, "phase": "prefill" if decoder else "forward"}
 
     def _row(self, cell, task_entry, method_entry, *, started, t0=None, error=None, data=None) -> dict:
         spec = cell.spec

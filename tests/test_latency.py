@@ -103,3 +103,18 @@ def test_token_inputs_are_fixed_by_seed():
     a, b = token_inputs(7, 50, batch_size=2, seed=1), token_inputs(7, 50, batch_size=2, seed=1)
     assert a["input_ids"].shape == (2, 7) and torch.equal(a["input_ids"], b["input_ids"])
     assert int(a["input_ids"].max()) < 50 and torch.equal(a["attention_mask"], torch.ones(2, 7, dtype=torch.long))
+
+
+def test_decode_step_reuses_the_prompt_cache_and_restores_it():
+    from tiny import tiny_llama
+
+    from bench.metrics.latency import decode_latency, model_latency, token_inputs
+
+    model, _ = tiny_llama()
+    inputs = token_inputs(12, model.config.vocab_size)
+    calls = []
+    stats = decode_latency(model, inputs, warmup=2, repeats=5, clock=lambda: calls.append(1) or len(calls) * 0.001)
+    assert stats["n"] == 5 and stats["p50"] == pytest.approx(1.0)  # 1 ms per step on the fake clock
+    row = model_latency(model, inputs, warmup=1, repeats=2, decode=True)
+    assert row["kernel"] == "fp32" and row["decode"]["n"] == 2
+    assert "decode" not in model_latency(model, inputs, warmup=1, repeats=2)

@@ -100,4 +100,5 @@ def test_decoder_end_to_end(tiny_decoder, tmp_path):
     assert rows["FP32"]["task_kind"] == "language-modeling" and rows["FP32"]["eval_examples"] == 3
     assert 1 < rows["FP32"]["score"] < 1e6 and rows["FP32"]["finetune"] is None
     assert rows["W4A32"]["quantized"]["kept_fp"] == ["lm_head"]
+    assert rows["W4A32"]["latency"]["phase"] == "prefill" and rows["W4A32"]["latency"]["decode"]["p50"] > 0
     assert "wikitext2" in (out / "leaderboard.md").read_text()

@@ -10,6 +10,7 @@ machine the figures are noisy, and p50 is the figure to compare.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,41 @@ def latency_of_model(
         model.train(was_training)
 
 
+def decode_latency(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float | int]:
+    """One generated token after the prompt ``inputs``, reusing the prompt's KV cache (decode step latency).
+
+    The cache is cropped back to the prompt after every step, so each timed call does the same work.
+    """
+    was_training = model.training
+    model.eval()
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        out = model(**inputs, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+    next_ids = inputs["input_ids"][:, -1:]
+    mask = torch.ones(next_ids.shape[0], prompt_len + 1, dtype=torch.long)
+    # transformers 5 renamed past_key_values to cache; 4.x only knows the old name
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache})
+        cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
+
+    try:
+        return measure(step, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
+    finally:
+        model.train(was_training)
+
+
 def model_latency(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -106,17 +142,23 @@ def model_latency(
     repeats: int = 20,
     threads: int | None = None,
     inplace: bool = False,
+    decode: bool = False,
 ) -> dict[str, Any]:
     """A result row's ``latency``: the model on real kernels where torch has them, and which kernel ran.
 
     Builds the latency model (a deep copy unless ``inplace``: in place saves the copy's memory but leaves
     ``model`` on bfloat16 kernels, fit only for timing), times ``model(**inputs)`` and returns
     ``{p50, p90, p99, mean, n, warmup, threads, kernel, kernels}`` with ``kernel`` the model-level label
-    ("fp32", "simulated", "int8pack", "int4pack", ...) and ``kernels`` the layer count per kernel.
+    ("fp32", "simulated", "int8pack", "int4pack", ...) and ``kernels`` the layer count per kernel. With
+    ``decode`` (decoders) the forward of the prompt is the prefill and ``decode`` holds the same statistics
+    for one generated token on the prompt's KV cache.
     """
     fast, kernels = build_latency_model(model, inplace=inplace)
     stats = latency_of_model(fast, inputs, warmup=warmup, repeats=repeats, threads=threads)
-    return {**stats, "kernel": kernel_label(kernels), "kernels": kernels}
+    out = {**stats, "kernel": kernel_label(kernels), "kernels": kernels}
+    if decode:
+        out["decode"] = decode_latency(fast, inputs, warmup=warmup, repeats=repeats, threads=threads)
+    return out
 
 
 def token_inputs(
