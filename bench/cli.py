@@ -72,6 +72,7 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 
 def cmd_run(args) -> int:
     from bench import plugins as plugin_mod
+    from bench import provenance
     from bench.leaderboard import build, collect
     from bench.models import ALIASES
     from bench.results import ResultStore
@@ -122,7 +123,7 @@ def cmd_run(args) -> int:
             {
                 **meta,
                 "planned": planned,
-                "last_command": " ".join(["bench", *sys.argv[1:]]),
+                "last_command": provenance.command_line(),
                 "created": meta.get("created", datetime.now().isoformat(timespec="seconds")),
             }
         )
