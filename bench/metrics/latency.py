@@ -13,7 +13,8 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -86,15 +87,22 @@ def latency_of_model(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float | int]:
     """``measure`` of ``model(**inputs)`` in eval mode under ``torch.inference_mode`` (no autograd cost)."""
-    was_training = model.training
-    model.eval()
 
     def forward():
         with torch.inference_mode():
             model(**inputs)
 
-    try:
+    with _eval_mode(model):
         return measure(forward, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Time the model as it is deployed (dropout off), then give it back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
 
@@ -112,10 +120,8 @@ def decode_latency(
 
     The cache is cropped back to the prompt after every step, so each timed call does the same work.
     """
-    was_training = model.training
-    model.eval()
     prompt_len = inputs["input_ids"].shape[1]
-    with torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode():
         out = model(**inputs, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
     next_ids = inputs["input_ids"][:, -1:]
@@ -128,10 +134,8 @@ def decode_latency(
             model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache})
         cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
 
-    try:
+    with _eval_mode(model):
         return measure(step, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
-    finally:
-        model.train(was_training)
 
 
 def model_latency(
