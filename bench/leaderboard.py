@@ -19,6 +19,7 @@ from bench.results import ResultStore
 PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
+COMPRESSION = "compression"  # FP32 bytes / stored bytes of the same model
 DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p50); p50 ms is then the prefill
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
@@ -77,7 +78,7 @@ def _bits_order(label: str) -> tuple:
 
 
 def _column_order(column: str) -> int:
-    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, LATENCY: 4, DECODE: 5, SPEEDUP: 6}.get(column, 0)
+    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, COMPRESSION: 4, LATENCY: 5, DECODE: 6, SPEEDUP: 7}.get(column, 0)
 
 
 def _add_speedup(means, stds, counts, kernels):
@@ -132,6 +133,9 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             "seed": r["seed"],
             "score": r["score"] * (100 if r.get("task_kind") in PERCENT_KINDS else 1),
             SIZE: r["size_bytes"] / 2**20 if r.get("size_bytes") else None,
+            COMPRESSION: r["fp32_size_bytes"] / r["size_bytes"]
+            if r.get("size_bytes") and r.get("fp32_size_bytes")
+            else None,
             LATENCY: (r.get("latency") or {}).get("p50"),
             SHARPNESS: (r.get("sharpness") or {}).get("value"),
             DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
@@ -153,7 +157,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         avg = groups.agg(value="mean", n="count")
         avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
         parts.append(avg.assign(column=AVERAGE))
-    for measure in (SHARPNESS, SIZE, LATENCY, DECODE):
+    for measure in (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
     long = pd.concat(parts, ignore_index=True)
@@ -179,7 +183,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         text = f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
         if column == LATENCY:
             text += f" ({kernels.get((*index[i], bits), '?')})"
-        elif column == SPEEDUP:
+        elif column in (SPEEDUP, COMPRESSION):
             text = f"x{mean:.2f}"
         return text
 
@@ -222,7 +226,10 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
             f"{'; '.join(settings)}, on seeded evaluation examples (lower = flatter)"
         )
     if any(r.get("size_bytes") for r in rows):
-        notes.append(f"{SIZE} = the model as stored: packed low-bit weights + scales/zero points + float tensors")
+        notes.append(
+            f"{SIZE} = the model as stored: packed low-bit weights + scales/zero points + float tensors; "
+            f"{COMPRESSION} = its FP32 size / that"
+        )
     timed = [r["latency"] for r in rows if r.get("latency")]
     if timed:
         shapes = sorted({f"{t.get('batch_size', '?')} x {t.get('seq_len', '?')} tokens" for t in timed})

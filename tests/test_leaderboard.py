@@ -82,3 +82,34 @@ def test_average_only_over_percent_tasks_and_models_never_mixed():
 def test_empty_board():
     board = build([], [], [])
     assert board.table.empty and "no finished cells yet" in board.notes
+
+
+def test_compression_column_and_an_outside_reporter(tmp_path, monkeypatch, capsys):
+    import types
+
+    from bench import hookimpl, plugins
+    from bench.cli import main
+    from bench.results import ResultStore
+
+    rows = [
+        _row("fp32", "FP32", "sst2", 0, 0.9, size=80, fp32_size=80),
+        _row("rtn", "W4A32", "sst2", 0, 0.8, size=20, fp32_size=80),
+    ]
+    board = build(rows, [], [])
+    assert board.table.loc[("rtn", "none"), ("W4A32", "compression")] == "x4.00"
+    assert board.table.loc[("fp32", "none"), ("FP32", "compression")] == "x1.00"
+
+    @hookimpl
+    def register_reporters(register):  # what an outside package's module would hold
+        register("tsv", lambda board, path: path.write_text(board.table.to_csv(sep="\t")) and "tsv written")
+
+    module = types.ModuleType("tsvplugin")
+    module.register_reporters = register_reporters
+    loaded = plugins.load(extra=[("tsvplugin", module)])
+    monkeypatch.setattr(plugins, "default", lambda: loaded)
+    store = ResultStore(tmp_path / "run")
+    for row in rows:
+        store.append({**row, "key": row["method"]})
+    assert main(["leaderboard", str(tmp_path / "run"), "--format", "tsv"]) == 0
+    assert "tsv written" in capsys.readouterr().out
+    assert "compression" in (tmp_path / "run" / "leaderboard.tsv").read_text()

@@ -82,6 +82,7 @@ def result_row(
     size=None,
     p50=None,
     sharp=None,
+    fp32_size=None,
 ) -> dict:
     """A synthetic ok result row with the fields the leaderboard reads."""
     kind = kind or ("language-modeling" if task == "wikitext2" else "classification")
@@ -101,6 +102,7 @@ def result_row(
         "finished": finished,
         "status": "ok",
         "size_bytes": size,
+        "fp32_size_bytes": fp32_size,
         "latency": {"p50": p50, "kernel": "fp32" if bits == "FP32" else "simulated"} if p50 else None,
         "sharpness": {"value": sharp, "rho": 0.05, "steps": 5} if sharp is not None else None,
     }
