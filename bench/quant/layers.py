@@ -51,14 +51,13 @@ class WeightQuantizer(nn.Module):
         """The grid for ``w`` (per row of its grouped view): the frozen one, or computed from ``w``."""
         if self.frozen:
             return QParams(self.scale, self.zero_point, *int_range(self.bits, self.symmetric))
-        grouped = group_view(w, self.granularity, self.group_size)
-        return compute_qparams(grouped, self.bits, self.symmetric, self.clip)
+        return self._grid_of(w)
+
+    def _grid_of(self, w: torch.Tensor) -> QParams:
+        return compute_qparams(group_view(w, self.granularity, self.group_size), self.bits, self.symmetric, self.clip)
 
     def freeze(self, w: torch.Tensor, qparams: QParams | None = None) -> None:
-        if qparams is None:  # the grid of ``w`` itself, even when an older grid is frozen
-            grouped = group_view(w, self.granularity, self.group_size)
-            qparams = compute_qparams(grouped, self.bits, self.symmetric, self.clip)
-        qp = qparams
+        qp = qparams if qparams is not None else self._grid_of(w)  # w's own grid, even over an older frozen one
         self.scale, self.zero_point = qp.scale.detach().clone(), qp.zero_point.detach().clone()
         self.generation = getattr(self, "generation", 0) + 1  # invalidates cached quantized weights
 
