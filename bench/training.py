@@ -62,3 +62,36 @@ def train_loop(
     model.eval()
     log.info("%s: %d steps, first loss %.4f, last loss %.4f", desc, len(losses), losses[0], losses[-1])
     return losses
+
+
+def sam_step(
+    params: list[torch.nn.Parameter],
+    closure: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    rho: float,
+) -> tuple[float, float]:
+    """One SAM update (Foret et al. 2021): ascend to w + e, e = rho * g/||g||, take the gradient there,
+    restore w, and let ``optimizer`` step with that gradient.
+
+    ``closure`` zero-grads nothing and returns the loss at the current weights (it is called twice).
+    Shared by every sharpness-aware method (ZSAQ's student step, SQuAT's weight phase), so they perturb
+    the same way. Returns ``(loss at w, loss at w + e)``.
+    """
+    params = [p for p in params if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    loss = closure()
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
+    perturbations = [g * (rho / (norm + 1e-12)) for g in grads]
+    with torch.no_grad():
+        torch._foreach_add_(params, perturbations)
+    optimizer.zero_grad(set_to_none=True)
+    perturbed = closure()
+    perturbed.backward()
+    with torch.no_grad():
+        torch._foreach_sub_(params, perturbations)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), perturbed.item()
