@@ -95,3 +95,22 @@ def sam_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), perturbed.item()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "kl", temperature: float = 1.0):
+    """Teacher-student discrepancy on output logits (last dim = classes or vocabulary), averaged per position.
+
+    ``kl``: KL(teacher || student) of the softmax distributions at ``temperature`` (times T^2, Hinton's
+    scaling, so gradients keep their size); ``mse``: mean squared error of the raw outputs. A single
+    output (a regression head, STS-B) always uses MSE: it has no distribution. Used by knowledge
+    distillation (SQuAT, LSQ) and as the adversarial objective of the zero-shot methods (ZSAQ, GAN).
+    """
+    teacher = teacher.detach()
+    if kind == "mse" or student.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(student, teacher)
+    if kind != "kl":
+        raise ValueError(f"unknown discrepancy {kind!r}; choose from kl, mse")
+    t = temperature
+    log_p_student = torch.log_softmax(student.flatten(0, -2) / t, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
+    return torch.nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t

@@ -33,3 +33,18 @@ def test_sam_with_rho_zero_is_the_base_optimizer():
     start = w.detach().clone()
     sam_step([w], lambda: (w**2).sum(), torch.optim.SGD([w], lr=0.1), rho=0.0)
     assert torch.allclose(w.detach(), start - 0.1 * 2 * start)
+
+
+def test_distill_loss_is_kl_of_teacher_to_student_and_mse_for_one_output():
+    import torch.nn.functional as F
+
+    from bench.training import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 7, 5, generator=g), torch.randn(4, 7, 5, generator=g)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    reference = (p * (p.log() - q.log())).sum(-1).mean()  # mean over the 28 positions
+    assert torch.allclose(distill_loss(s, t), reference, atol=1e-6)
+    assert distill_loss(t, t).abs() < 1e-6
+    one = torch.randn(6, 1, generator=g)
+    assert torch.allclose(distill_loss(one, one + 1), torch.tensor(1.0))
