@@ -1,0 +1,155 @@
+"""ZSAQ and GAN-only zero-shot QAT: the generator ascends, the student descends, no task data is touched."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from bench import hub
+from bench.api import MethodContext, QuantSpec
+from bench.cli import main
+from bench.quant import DEFAULT_KEEP_FP, QuantLinear, quantize_model
+from bench.quant.lsq import LSQQuantizer
+from methods.gan_zeroshot import GanZeroShot
+from methods.zsaq import ZSAQ, ZeroShotConfig, discrepancy, load_generator, resolve_preset, soft_embeddings, vocab_map
+from tests.tiny import tiny_bert, tiny_llama
+
+SPEC = QuantSpec(2, 8)
+FAST = dict(steps=3, batch_size=4, seq_len=10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(hub.package_dir("cognition") / "model")
+
+
+def _teacher():
+    return tiny_bert(vocab_size=30522, max_position_embeddings=64)
+
+
+class Trap:
+    """Stands in for the task: any use of it (data loading, batches, labels) fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a zero-shot method touched the task: .{name}")
+
+
+def _context(tokenizer, seed=0):
+    return MethodContext(task=Trap(), tokenizer=tokenizer, seed=seed, keep_fp=DEFAULT_KEEP_FP, task_data=Trap())
+
+
+def test_generator_step_increases_the_discrepancy_on_a_fixed_student(tokenizer):
+    teacher = _teacher().requires_grad_(False)
+    student = quantize_model(copy.deepcopy(teacher), SPEC, weight_quantizer=LSQQuantizer).requires_grad_(False)
+    generator = load_generator("bert-tiny", tokenizer, teacher.config.hidden_size)
+    cfg = ZeroShotConfig(**FAST)
+    noise = generator.noise(8, 12, torch.Generator().manual_seed(0))
+    ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+
+    def gap():
+        probs, correction = generator(noise, cfg.temperature)
+        return discrepancy(
+            teacher,
+            student,
+            soft_embeddings(teacher, probs, correction, ends),
+            soft_embeddings(student, probs, correction, ends),
+            cfg,
+        )
+
+    optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    before = gap()
+    (-before).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = gap()
+    assert after.item() > before.item()
+    assert all(not p.requires_grad for p in student.parameters())  # the student stayed fixed
+
+
+def test_zsaq_trains_the_student_without_task_data_and_returns_a_frozen_quantized_model(tokenizer):
+    teacher = _teacher()
+    student = ZSAQ(ZeroShotConfig(**FAST)).quantize(copy.deepcopy(teacher), SPEC, _context(tokenizer))
+    layers = [m for m in student.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(isinstance(m.weight_quantizer, LSQQuantizer) for m in layers)
+    assert all(m.act_quantizer.bits == 8 for m in layers)
+    original = dict(teacher.named_modules())
+    moved = [not torch.equal(m.weight, original[n].weight) for n, m in student.named_modules() if m in layers]
+    assert len(moved) == len(layers) and any(moved)  # the student was trained
+    assert all(not p.requires_grad for p in student.parameters())
+    # float parts stay the teacher's: embeddings, LayerNorm, the kept-FP classifier
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+
+
+def test_same_seed_same_student_and_ablations_run(tokenizer):
+    def run(method, **settings):
+        cfg = method.Config(**{**FAST, **settings})
+        model = method(cfg).quantize(_teacher(), SPEC, _context(tokenizer))
+        return torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, QuantLinear)])
+
+    assert torch.equal(run(ZSAQ), run(ZSAQ))
+    assert not torch.equal(run(ZSAQ), run(GanZeroShot))  # SAM vs AdamW differ
+    for ablation in ({"train_generator": False}, {"inputs": "random"}, {"weight_quantizer": "minmax"}):
+        assert torch.isfinite(run(ZSAQ, **ablation)).all()
+
+
+def test_gan_is_zsaq_with_an_adamw_student():
+    zsaq, gan = ZSAQ.Config(), GanZeroShot.Config()
+    assert gan.student_optimizer == "adamw" and zsaq.student_optimizer == "sam"
+    assert {k: v for k, v in vars(gan).items() if k != "student_optimizer"} == {
+        k: v for k, v in vars(zsaq).items() if k != "student_optimizer"
+    }
+    assert ZSAQ.data_used == GanZeroShot.data_used == "none"
+
+
+def test_paper_preset_fills_defaults_but_keeps_explicit_settings():
+    paper = resolve_preset(ZeroShotConfig(preset="paper", steps=7))
+    assert paper.generator == "facebook/opt-350m" and paper.seq_len == 128 and paper.steps == 7
+
+
+def test_decoder_student_next_token_kl_with_a_vocabulary_bridge(tokenizer):
+    """A decoder student (tiny Llama) distilled on next-token distributions; the generator's vocabulary
+    is bridged to a student vocabulary that differs from it (here: the same tokens, shuffled)."""
+    model, llama_tok = tiny_llama()
+    cfg = ZeroShotConfig(**FAST)
+    out = ZSAQ(cfg).quantize(model, QuantSpec(4, 8, "per-group", 16), _context(llama_tok))
+    assert sum(isinstance(m, QuantLinear) for m in out.modules()) == 14  # lm_head kept float
+
+    class Shuffled:
+        def __init__(self, inner):
+            self.inner, self.vocab = inner, {t: (i + 1) % len(inner) for t, i in inner.get_vocab().items()}
+
+        def get_vocab(self):
+            return self.vocab
+
+        def __call__(self, texts, add_special_tokens=False):
+            ids = self.inner(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": [[(i + 1) % len(self.inner) for i in row] for row in ids]}
+
+    mapping = vocab_map(tokenizer, Shuffled(tokenizer), 30522)
+    the = tokenizer.convert_tokens_to_ids("the")
+    assert mapping is not None and mapping[the].item() == the + 1
+    assert vocab_map(tokenizer, tokenizer, 30522) is None
+
+
+def test_bench_run_zsaq_and_gan_rows_are_zero_shot_w2a8(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--methods", "rtn,gan,zsaq", "--bits", "2", "--model", "bert-tiny", "--limit", "32"]
+    args += ["--set", "sst2.max_train_examples=64", "--no-latency", "--no-sharpness", "--out", str(out)]
+    for method in ("zsaq", "gan"):
+        args += ["--set", f"{method}.steps=2", "--set", f"{method}.batch_size=4", "--set", f"{method}.seq_len=8"]
+    args += ["--set", "zsaq.train_generator=false"]  # an ablation shows up as a named variant
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"fp32", "rtn", "gan", "zsaq"}
+    for name in ("rtn", "gan", "zsaq"):
+        row = by_method[name]
+        assert row["status"] == "ok", row["error"]
+        assert row["bits"] == "W2A8" and row["a_bits"] == 8  # the QAT papers' A8, shared by rtn
+    assert by_method["zsaq"]["data_used"] == by_method["gan"]["data_used"] == "none"
+    assert by_method["zsaq"]["variant"] == "train_generator=False"
+    board = (out / "leaderboard.md").read_text()
+    assert "W2A8" in board and "zsaq" in board and "gan" in board
