@@ -73,6 +73,7 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 def cmd_run(args) -> int:
     from bench import plugins as plugin_mod
     from bench import provenance
+    from bench.executors import import_ray, make_executor
     from bench.leaderboard import build, collect
     from bench.models import ALIASES
     from bench.results import ResultStore
@@ -106,6 +107,11 @@ def cmd_run(args) -> int:
         data_dir=args.data_dir,
     )
     cells, resolved = plan(request, plugins)
+    executor = make_executor(
+        args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_cpus_per_cell=args.ray_cpus_per_cell
+    )
+    if args.executor.lower() == "ray":
+        import_ray()  # the install hint before anything is written
     out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     store = ResultStore(out)
     if store.path.exists():
@@ -128,7 +134,7 @@ def cmd_run(args) -> int:
             }
         )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = runner.run(cells, force=args.force, retry_failed_only=args.retry_failed)
+        counts = runner.run(cells, force=args.force, retry_failed_only=args.retry_failed, executor=executor)
         ok, failed = collect([str(out)])
         board = build(ok, failed, [str(out)])
         for fmt in RUN_FORMATS:
@@ -338,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-latency", action="store_true", help="skip the per-cell latency measurement (1 x 128 tokens, CPU kernels)"
     )
     run.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    run.add_argument(
+        "--executor",
+        default="local",
+        help="where cells run: local (this machine; default) or ray (one Ray task per cell; needs quantbench[ray])",
+    )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="cells run in parallel: local: N worker processes (default 1, in-process); ray: a local Ray "
+        "instance of N x --ray-cpus-per-cell CPUs (default: all CPUs)",
+    )
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="connect to the Ray cluster at ADDR (e.g. ray://head:10001 or auto) instead of starting a local one",
+    )
+    run.add_argument(
+        "--ray-cpus-per-cell", type=float, default=1, help="CPUs Ray reserves for each cell's task; default 1"
+    )
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser(

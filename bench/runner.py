@@ -2,7 +2,8 @@
 
 Each cell appends exactly one row to the run's result store. A cell that raises records a failed
 row (error and traceback in the log) and the grid goes on; cells whose key already has an ok row
-are skipped unless ``force``.
+are skipped unless ``force``. Where cells execute (in this process, a process pool, a Ray cluster)
+is an executor's job (bench/executors.py); only this driver appends rows.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class Runner:
         latency: bool = True,
         sharpness: SharpnessSettings | None = SharpnessSettings(),
         data_dir: str | None = None,
+        command: str | None = None,
     ):
         self.plugins = plugins
         self.store = store
@@ -219,6 +221,8 @@ class Runner:
         self.latency = latency
         self.sharpness = sharpness
         self.data_dir = data_dir
+        # the driver's command line: rows made in a worker process must not record the worker's argv
+        self.command = command or provenance.command_line()
         self._data: dict[str, object] = {}
 
     def pending(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> list[Cell]:
@@ -235,48 +239,66 @@ class Runner:
         for name in dict.fromkeys(c.task for c in cells):
             self._load_data(self.plugins.tasks.get(name)())
 
-    def run(self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False) -> dict[str, int]:
+    def run(
+        self, cells: list[Cell], *, force: bool = False, retry_failed_only: bool = False, executor=None
+    ) -> dict[str, int]:
+        """Run the pending cells with ``executor`` (default: in this process, one after another) and append
+        each row as it arrives; the store is written by this driver only, whatever runs the cells."""
+        from bench.executors import LocalExecutor
+
         todo = self.pending(cells, force=force, retry_failed_only=retry_failed_only)
         counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ok": 0, "failed": 0}
         if not todo:
             log.info("all %d cells already done; nothing to run (use --force to redo)", len(cells))
             return counts
-        groups: dict[tuple, list[Cell]] = defaultdict(list)
-        for cell in todo:
-            groups[(cell.task, cell.seed, _hash(cell.recipe))].append(cell)
+        executor = executor or LocalExecutor()
         with tqdm(total=len(todo), desc="cells", unit="cell", dynamic_ncols=True) as bar:
-            for group in groups.values():
-                for cell, row in self._run_group(group):
-                    self.store.append(row)
-                    counts[row["status"]] += 1
-                    bar.set_postfix_str(f"{cell.method} {cell.bits_label} {cell.task}: {row['status']}")
-                    bar.update()
+            for cell, row in executor.execute(self, group_cells(todo)):
+                self.store.append(row)
+                counts[row["status"]] += 1
+                bar.set_postfix_str(f"{cell.method} {cell.bits_label} {cell.task}: {row['status']}")
+                bar.update()
         return counts
+
+    def prepare(self, cell: Cell) -> tuple:
+        """The task, recipe, data and FP model shared by ``cell``'s group: fine-tuned once, then from the cache.
+
+        Returns ``(task, recipe, data, fp_model, tokenizer, ft_info)``; raises what loading or fine-tuning raised.
+        """
+        task = self.plugins.tasks.entry(cell.task).obj()
+        recipe = task.Recipe(**cell.recipe)
+        data = self._load_data(task)
+        if task.needs_finetune:
+            fp_model, tokenizer, ft_info = models.load_finetuned(
+                self.resolved, task, data, cell.seed, recipe, device=self.device
+            )
+        else:
+            fp_model, tokenizer = task.load_model(self.resolved)
+            ft_info = None
+        fp_model.to(self.device).eval()
+        return task, recipe, data, fp_model, tokenizer, ft_info
+
+    def failed_row(self, cell: Cell, error: BaseException, *, started: str | None = None) -> dict:
+        """The failed row of a cell that never ran its method (its group's FP model failed, its worker died)."""
+        return self._row(cell, self.plugins.tasks.entry(cell.task), None, started=started or _now(), error=error)
+
+    def log_prepare_failure(self, cell: Cell, exc: BaseException) -> None:
+        log.error("could not prepare %s/%s seed %d: %s", cell.task, cell.model, cell.seed, _describe_error(exc))
+        _log_traceback(exc)
 
     # ------------------------------------------------------------------ internals
     def _run_group(self, group: list[Cell]):
         first = group[0]
         task_entry = self.plugins.tasks.entry(first.task)
-        task = task_entry.obj()
-        recipe = task.Recipe(**first.recipe)
         try:
-            data = self._load_data(task)
-            if task.needs_finetune:
-                fp_model, tokenizer, ft_info = models.load_finetuned(
-                    self.resolved, task, data, first.seed, recipe, device=self.device
-                )
-            else:
-                fp_model, tokenizer = task.load_model(self.resolved)
-                ft_info = None
-            fp_model.to(self.device).eval()
+            prepared = self.prepare(first)
         except Exception as exc:
-            log.error("could not prepare %s/%s seed %d: %s", first.task, first.model, first.seed, exc)
-            log.debug("%s", traceback.format_exc())
+            self.log_prepare_failure(first, exc)
             for cell in group:
-                yield cell, self._row(cell, task_entry, None, started=_now(), error=exc)
+                yield cell, self.failed_row(cell, exc)
             return
         for cell in group:
-            yield cell, self._run_cell(cell, task_entry, task, recipe, data, fp_model, tokenizer, ft_info)
+            yield cell, self._run_cell(cell, task_entry, *prepared)
 
     def _load_data(self, task):
         if task.name not in self._data:
@@ -317,8 +339,8 @@ class Runner:
             latency = self._latency(model) if self.latency else None
             curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed) if self.sharpness else {}
         except Exception as exc:
-            log.error("cell %s failed: %s: %s", cell.key, type(exc).__name__, exc)
-            log.debug("%s", traceback.format_exc())
+            log.error("cell %s failed: %s", cell.key, _describe_error(exc))
+            _log_traceback(exc)
             return self._row(cell, task_entry, method_entry, started=started, t0=t0, error=exc, data=data)
         row = self._row(cell, task_entry, method_entry, started=started, t0=t0, data=data)
         row.update(
@@ -407,7 +429,7 @@ class Runner:
             "size_bytes": None,
             "fp32_size_bytes": None,
             "status": "failed" if error is not None else "ok",
-            "error": f"{type(error).__name__}: {error}" if error is not None else None,
+            "error": _describe_error(error) if error is not None else None,
             "started": started,
             "finished": _now(),
             "wall_time_s": round(time.perf_counter() - t0, 3) if t0 is not None else None,
@@ -419,8 +441,39 @@ class Runner:
             "git_commit": provenance.git_commit(),
             "host": provenance.host(),
             "device": self.device,
-            "command": provenance.command_line(),
+            "command": self.command,
         }
+
+
+def group_cells(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells grouped by (task, seed, fine-tune recipe): each group shares one FP model, prepared once."""
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell.task, cell.seed, _hash(cell.recipe))].append(cell)
+    return list(groups.values())
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's (CUDA/MPS) OutOfMemoryError, Python's MemoryError, or Ray's memory monitor killing a worker."""
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _describe_error(exc: BaseException) -> str:
+    """The row's ``error``: 'Type: message', prefixed 'out of memory:' when memory ran out (so it reads as such
+    in the leaderboard's failed list, not as an obscure allocator message)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return f"out of memory: {text}" if is_out_of_memory(exc) else text
+
+
+def _log_traceback(exc: BaseException) -> None:
+    """The traceback of a failed cell: at ERROR for out-of-memory (the user must see what allocated), at INFO
+    (``-v``) for every other failure. The failed cell's tensors are freed when its frames go (the row is
+    returned), and torch's caching allocator hands that memory to the next cell: the grid goes on."""
+    text = "".join(traceback.format_exception(exc))
+    if is_out_of_memory(exc):
+        log.error("out of memory; traceback:\n%s", text)
+    else:
+        log.info("traceback:\n%s", text)
 
 
 def _now() -> str:

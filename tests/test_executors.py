@@ -1,0 +1,135 @@
+"""Executors: the Ray executor and the local process pool give the local executor's rows, a dead worker or an
+out-of-memory cell is one failed row and the grid goes on, and executor flags fail as one-line errors."""
+
+import json
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+from bench import executors, provenance
+from bench.cli import main
+
+# a recipe no other test module uses, so the first run here really fine-tunes (in a Ray task for the Ray run)
+TINY = [
+    "--model",
+    "bert-tiny",
+    "--set",
+    "sst2.max_train_examples=96",
+    "--limit",
+    "48",
+    "--no-sharpness",
+    "--no-latency",
+]
+GRID = ["run", "--methods", "rtn,gptq", "--bits", "4,8", "--set", "gptq.n_samples=8", *TINY]
+# fields that legitimately differ between executors (when and where a row was made, whether the FP model
+# came from the cache, the command line, the torch thread count of the worker)
+VOLATILE = {"started", "finished", "wall_time_s", "finetune", "command", "host"}
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def _stable(rows):
+    return {r["key"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+
+
+def test_ray_and_process_pool_rows_match_local(tmp_path):
+    pytest.importorskip("ray")
+    assert main([*GRID, "--executor", "ray", "--jobs", "2", "--out", str(tmp_path / "ray")]) == 0
+    assert main([*GRID, "--out", str(tmp_path / "local")]) == 0
+    assert main([*GRID, "--jobs", "2", "--out", str(tmp_path / "pool")]) == 0
+    ray_rows, local_rows, pool_rows = (_rows(tmp_path / d) for d in ("ray", "local", "pool"))
+    assert len(local_rows) == 5  # FP32 + 2 methods x 2 bit-widths
+    for rows in (ray_rows, pool_rows):
+        keys = [r["key"] for r in rows]
+        assert len(keys) == len(set(keys)) == 5  # each cell exactly once
+        assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+        assert _stable(rows) == _stable(local_rows)  # same keys, same scores, metrics, sizes: exactly
+        assert {r["command"] for r in rows} == {provenance.command_line()}  # the driver's command, not a worker's
+    # the Ray run fine-tuned once (a prepare task), then every cell loaded that model from the cache
+    assert all(r["finetune"]["cached"] for r in ray_rows)
+    assert len({r["finetune"]["cache_dir"] for r in ray_rows + local_rows}) == 1
+
+
+def _crash_rtn_worker(spec, cell, prepare_error=None):
+    """Kill the worker process mid-cell, for rtn only: a segfault or the kernel's OOM killer, as Ray sees it."""
+    if cell.method == "rtn":
+        os._exit(1)
+    return executors.run_cell(spec, cell, prepare_error)
+
+
+def test_ray_worker_crash_is_a_failed_row_and_the_grid_goes_on(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(executors.RayExecutor, "cell_fn", staticmethod(_crash_rtn_worker))
+    out = tmp_path / "run"
+    argv = ["run", "--methods", "rtn", "--bits", "4", *TINY, "--executor", "ray", "--jobs", "2", "--out", str(out)]
+    assert main(argv) == 1
+    rows = {r["method"]: r for r in _rows(out)}
+    assert rows["fp32"]["status"] == "ok"
+    assert rows["rtn"]["status"] == "failed" and rows["rtn"]["error"].startswith("WorkerCrashedError")
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()]
+)
+def test_out_of_memory_cell_is_a_failed_row_and_the_grid_goes_on(tmp_path, monkeypatch, caplog, error):
+    from methods.rtn import RTN
+
+    quantize = RTN.quantize
+
+    def oom_at_4_bits(self, model, spec, context):
+        if spec.w_bits == 4:
+            raise error
+        return quantize(self, model, spec, context)
+
+    monkeypatch.setattr(RTN, "quantize", oom_at_4_bits)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="bench"):
+        assert main(["run", "--methods", "rtn", "--bits", "4,8", *TINY, "--out", str(out)]) == 1
+    rows = {r["bits"]: r for r in _rows(out)}
+    assert rows["W4A32"]["status"] == "failed"
+    assert rows["W4A32"]["error"].startswith(f"out of memory: {type(error).__name__}")
+    assert rows["W8A32"]["status"] == "ok" and rows["FP32"]["status"] == "ok"  # the grid went on
+    tracebacks = [r for r in caplog.records if r.levelno == logging.ERROR and "Traceback" in r.getMessage()]
+    assert tracebacks and "oom_at_4_bits" in tracebacks[0].getMessage()
+
+
+def test_other_failures_log_their_traceback_with_v(tmp_path, monkeypatch, caplog):
+    from methods.rtn import RTN
+
+    def explode(self, model, spec, context):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(RTN, "quantize", explode)
+    with caplog.at_level(logging.INFO, logger="bench"):
+        main(["-v", "run", "--methods", "rtn", "--bits", "4", *TINY, "--out", str(tmp_path / "run")])
+    assert any(r.levelno == logging.INFO and "in explode" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--executor", "rya"], "unknown --executor 'rya' (did you mean 'ray'?); choose from: local, ray"),
+        (["--jobs", "0"], "--jobs 0: must be a positive number of parallel cells"),
+        (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+        (["--executor", "ray", "--ray-cpus-per-cell", "0"], "--ray-cpus-per-cell 0.0: must be positive"),
+    ],
+)
+def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, *flags, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"bench: error: {message}"
+    assert not out.exists()
+
+
+def test_ray_missing_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--executor", "ray", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"bench: error: {executors.RAY_MISSING}"
+    assert not out.exists()
