@@ -18,7 +18,7 @@ $(BIN)/bench: pyproject.toml requirements-offline.txt
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel first: the range in pyproject is then already satisfied (no CUDA download).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,gguf]'
+	$(BIN)/pip install -q -e '.[test,gguf,ray]'
 	$(BIN)/pip install -q --no-deps -r requirements-offline.txt
 	touch $(BIN)/bench
 
