@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -61,6 +61,20 @@ class NoConfig:
 
 
 @dataclass
+class TrainingData:
+    """A cell's labeled training data, for methods that declare ``data_used = "labeled"`` (QAT, PEFT).
+
+    ``batches(epoch, examples=, batch_size=)`` yields one epoch of labeled batches ready for
+    ``Task.loss`` (a seeded pool of at most ``examples`` training examples, reshuffled per epoch; None =
+    the task recipe's own cap and batch size, the examples the FP reference was fine-tuned on);
+    ``steps(examples=, batch_size=)`` is the number of batches per epoch.
+    """
+
+    batches: Callable[..., Iterable[dict]]
+    steps: Callable[..., int]
+
+
+@dataclass
 class MethodContext:
     """What a method may use besides the model. Zero-shot methods must not touch ``task_data``."""
 
@@ -73,13 +87,46 @@ class MethodContext:
     # calibration(n) -> list of model-input batches built from n unlabeled task texts (None for data-free
     # methods); same samples for every method of a cell's seed, so calibration-based methods compare fairly.
     calibration: Callable[[int], list[dict]] | None = None
+    # labeled training batches: only for data_used="labeled" methods (None otherwise)
+    training: TrainingData | None = None
+    # pretrained() -> a fresh copy of the *pre-trained* model with a new task head (what the FP reference was
+    # fine-tuned from), for methods that quantize before fine-tuning (PreQuant); weights only, no data
+    pretrained: Callable[[], Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # what the method wants recorded in its result row (``method_info``): e.g. its trainable-parameter fraction
+    report: dict[str, Any] = field(default_factory=dict)
 
     def calibration_batches(self, n: int, method: str) -> list[dict]:
         """``n`` calibration samples as batches, or a clear error for a method that needs them and got none."""
         if self.calibration is None:
             raise BenchError(f"{method} needs calibration data, but this cell's context provides none")
         return self.calibration(n)
+
+    def _training(self, method: str) -> TrainingData:
+        if self.training is None:
+            raise BenchError(
+                f"{method} needs labeled training data, but this cell's context provides none "
+                "(a method must declare data_used = 'labeled' to get it)"
+            )
+        return self.training
+
+    def train_batches(
+        self, epoch: int, *, method: str = "this method", examples: int | None = None, batch_size: int | None = None
+    ) -> Iterable[dict]:
+        """One epoch of labeled training batches (see ``TrainingData``), or a clear error naming ``method``."""
+        return self._training(method).batches(epoch, examples=examples, batch_size=batch_size)
+
+    def steps_per_epoch(
+        self, *, method: str = "this method", examples: int | None = None, batch_size: int | None = None
+    ) -> int:
+        """How many batches ``train_batches`` yields per epoch with these settings."""
+        return self._training(method).steps(examples=examples, batch_size=batch_size)
+
+    def pretrained_model(self, method: str = "this method"):
+        """A fresh pre-trained (not fine-tuned) model with this task's new head."""
+        if self.pretrained is None:
+            raise BenchError(f"{method} needs the pre-trained model, but this cell's context provides none")
+        return self.pretrained()
 
 
 class Method:
@@ -135,6 +182,31 @@ class Task:
     def calibration_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
         """``n`` unlabeled training inputs as model-input batches (no labels): PTQ calibration data."""
         raise NotImplementedError  # pragma: no cover - interface
+
+    def train_batches(
+        self,
+        tokenizer,
+        data,
+        recipe,
+        *,
+        seed: int,
+        epoch: int,
+        device: str = "cpu",
+        examples: int | None = None,
+        batch_size: int | None = None,
+    ) -> Iterable[dict]:
+        """One epoch of labeled training batches for ``loss``: a seeded pool of at most ``examples`` training
+        examples (None: the recipe's cap; 0: the whole split), shuffled with ``seed`` and ``epoch``; batches of
+        ``batch_size`` (None: the recipe's). ``finetune`` and the methods with ``data_used="labeled"`` (QAT,
+        PreQuant) train on these."""
+        raise BenchError(f"task '{self.name}' provides no labeled training batches")
+
+    def train_steps(
+        self, tokenizer, data, recipe, *, examples: int | None = None, batch_size: int | None = None
+    ) -> int:
+        """Batches per epoch of ``train_batches`` with these settings (default: counts one epoch's batches)."""
+        batches = self.train_batches(tokenizer, data, recipe, seed=0, epoch=0, examples=examples, batch_size=batch_size)
+        return sum(1 for _ in batches)
 
     def loss_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
         """``n`` labeled evaluation examples as batches: what the sharpness metrics measure the loss on."""

@@ -32,16 +32,24 @@ def train_loop(
     lr: float,
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
-    params: Iterable[torch.nn.Parameter] | None = None,
+    params: Iterable[torch.nn.Parameter] | Iterable[dict] | None = None,
     max_grad_norm: float | None = 1.0,
     desc: str = "train",
+    step: Callable[[torch.nn.Module, object, torch.optim.Optimizer], float] | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up/decay over ``epochs``; ``batches(epoch)`` yields that epoch's batches.
 
+    ``params``: the parameters to train (default: all that require grad), or AdamW parameter groups
+    (dicts with ``params`` and their own ``lr``/``weight_decay``; the schedule scales every group's lr).
+    ``step(model, batch, optimizer) -> loss`` replaces the default update (loss, backward, clip to
+    ``max_grad_norm``, optimizer step) for methods whose update is more than one gradient step (SAM,
+    alternating phases); the loop still owns the optimizer, the schedule and the progress bar.
+
     Returns the per-step losses so callers (and tests) can see that training happened.
     """
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = _param_groups(model, params)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * steps_per_epoch)
     schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     model.train()
@@ -49,19 +57,31 @@ def train_loop(
     with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             for batch in batches(epoch):
-                loss = loss_fn(model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
+                if step is not None:
+                    loss = step(model, batch, optimizer)
+                else:
+                    loss = loss_fn(model, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
                 schedule.step()
-                losses.append(loss.item())
+                losses.append(loss.item() if isinstance(loss, torch.Tensor) else float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 bar.update()
     model.eval()
     log.info("%s: %d steps, first loss %.4f, last loss %.4f", desc, len(losses), losses[0], losses[-1])
     return losses
+
+
+def _param_groups(model: torch.nn.Module, params) -> list[dict]:
+    """AdamW groups of the trainable parameters: one group, or the caller's groups (frozen ones dropped)."""
+    items = list(params if params is not None else model.parameters())
+    if not items or not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+    return [g for g in groups if g["params"]]
 
 
 def sam_step(

@@ -448,26 +448,44 @@ class GlueTask(Task):
         return F.mse_loss(logits[:, 0], batch["labels"])
 
     # ------------------------------------------------------------------ the Task interface
+    def _train_pool(self, data: TaskData, recipe: GlueRecipe, seed: int, examples: int | None) -> np.ndarray:
+        """A seeded choice of at most ``examples`` training examples (None: the recipe's cap; 0: all)."""
+        n = len(data.splits["train"]["label"])
+        cap = recipe.max_train_examples if examples is None else examples
+        return np.random.default_rng(seed).permutation(n)[: cap or n]
+
+    def train_batches(
+        self,
+        tokenizer,
+        data: TaskData,
+        recipe: GlueRecipe,
+        *,
+        seed,
+        epoch,
+        device="cpu",
+        examples=None,
+        batch_size=None,
+    ) -> Iterator[dict]:
+        pool = self._train_pool(data, recipe, seed, examples)
+        order = np.random.default_rng(seed + 1000 + epoch).permutation(pool)
+        size = batch_size or recipe.batch_size
+        return self._batches(
+            tokenizer, data.splits["train"], order, recipe, batch_size=size, device=device, labeled=True
+        )
+
+    def train_steps(self, tokenizer, data: TaskData, recipe: GlueRecipe, *, examples=None, batch_size=None) -> int:
+        return math.ceil(len(self._train_pool(data, recipe, 0, examples)) / (batch_size or recipe.batch_size))
+
     def finetune(
         self, model, tokenizer, data: TaskData, recipe: GlueRecipe, seed: int, device: str = "cpu"
     ) -> list[float]:
         seed_everything(seed)
-        train = data.splits["train"]
-        n = len(train["label"])
-        pool = np.random.default_rng(seed).permutation(n)[: recipe.max_train_examples or n]
-
-        def batches(epoch):
-            order = np.random.default_rng(seed + 1000 + epoch).permutation(pool)
-            return self._batches(
-                tokenizer, train, order, recipe, batch_size=recipe.batch_size, device=device, labeled=True
-            )
-
         return train_loop(
             model,
-            batches,
+            lambda epoch: self.train_batches(tokenizer, data, recipe, seed=seed, epoch=epoch, device=device),
             self.loss,
             epochs=recipe.epochs,
-            steps_per_epoch=math.ceil(len(pool) / recipe.batch_size),
+            steps_per_epoch=self.train_steps(tokenizer, data, recipe),
             lr=recipe.lr,
             weight_decay=recipe.weight_decay,
             warmup_ratio=recipe.warmup_ratio,

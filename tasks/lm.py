@@ -111,6 +111,30 @@ class PerplexityTask(Task):
     def loss(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    def _train_windows(self, tokenizer, data, recipe, seed: int, examples: int | None) -> torch.Tensor:
+        """Starts of a seeded choice of at most ``examples`` (None or 0: all) non-overlapping training windows."""
+        recipe = recipe or LMRecipe()
+        n = max(1, len(self.token_ids(tokenizer, data, "train")) // recipe.calib_seq_len)
+        return np.random.default_rng(seed).permutation(n)[: examples or n] * recipe.calib_seq_len
+
+    def train_batches(self, tokenizer, data, recipe, *, seed, epoch, device="cpu", examples=None, batch_size=None):
+        """Non-overlapping ``calib_seq_len``-token windows of the training text for the causal-LM ``loss``
+        (labels = the inputs), reshuffled per epoch; ``batch_size`` None: ``calib_batch_size``."""
+        recipe = recipe or LMRecipe()
+        ids = self.token_ids(tokenizer, data, "train")
+        starts = np.random.default_rng(seed + 1000 + epoch).permutation(
+            self._train_windows(tokenizer, data, recipe, seed, examples)
+        )
+        size = batch_size or recipe.calib_batch_size
+        for i in range(0, len(starts), size):
+            yield {
+                "input_ids": torch.stack([ids[s : s + recipe.calib_seq_len] for s in starts[i : i + size]]).to(device)
+            }
+
+    def train_steps(self, tokenizer, data, recipe, *, examples=None, batch_size=None) -> int:
+        windows = len(self._train_windows(tokenizer, data, recipe, 0, examples))
+        return math.ceil(windows / (batch_size or (recipe or LMRecipe()).calib_batch_size))
+
     def _random_windows(self, tokenizer, data, split, n, *, seed, device, recipe) -> list[dict]:
         recipe = recipe or LMRecipe()
         ids = self.token_ids(tokenizer, data, split)
