@@ -179,10 +179,6 @@ class Task:
         """Train the FP reference in place (tasks with ``needs_finetune``); returns the step losses."""
         raise NotImplementedError
 
-    def calibration_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
-        """``n`` unlabeled training inputs as model-input batches (no labels): PTQ calibration data."""
-        raise NotImplementedError  # pragma: no cover - interface
-
     def train_batches(
         self,
         tokenizer,
@@ -207,6 +203,10 @@ class Task:
         """Batches per epoch of ``train_batches`` with these settings (default: counts one epoch's batches)."""
         batches = self.train_batches(tokenizer, data, recipe, seed=0, epoch=0, examples=examples, batch_size=batch_size)
         return sum(1 for _ in batches)
+
+    def calibration_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
+        """``n`` unlabeled training inputs as model-input batches (no labels): PTQ calibration data."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def loss_batches(self, tokenizer, data, n: int, *, seed: int, device: str = "cpu", recipe=None):
         """``n`` labeled evaluation examples as batches: what the sharpness metrics measure the loss on."""

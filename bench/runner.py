@@ -325,6 +325,10 @@ class Runner:
                 )
                 if uses_data
                 else None,
+                training=self._training_data(task, tokenizer, data, recipe, cell.seed)
+                if method.data_used == "labeled"
+                else None,
+                pretrained=functools.partial(self._pretrained, task),
             )
             seed_everything(cell.seed)
             model = method.quantize(copy.deepcopy(fp_model), cell.spec, context)
@@ -341,10 +345,6 @@ class Runner:
         except Exception as exc:
             log.error("cell %s failed: %s", cell.key, _describe_error(exc))
             _log_traceback(exc)
-                training=self._training_data(task, tokenizer, data, recipe, cell.seed)
-                if method.data_used == "labeled"
-                else None,
-                pretrained=functools.partial(self._pretrained, task),
             return self._row(cell, task_entry, method_entry, started=started, t0=t0, error=exc, data=data)
         row = self._row(cell, task_entry, method_entry, started=started, t0=t0, data=data)
         row.update(
@@ -353,6 +353,7 @@ class Runner:
             score=metrics[task.primary_metric],
             eval_examples=len(refs),
             data_used=method.data_used,
+            method_info=context.report or None,
             quantized=summarize(model),
             finetune=ft_info,
             latency=latency,
@@ -369,8 +370,21 @@ class Runner:
             row["score"],
             row["wall_time_s"],
         )
-            method_info=context.report or None,
         return row
+
+    def _training_data(self, task, tokenizer, data, recipe, seed: int) -> TrainingData:
+        """The task's labeled training batches for a data_used="labeled" method (seeded like the fine-tune)."""
+        return TrainingData(
+            batches=lambda epoch, **kw: task.train_batches(
+                tokenizer, data, recipe, seed=seed, epoch=epoch, device=self.device, **kw
+            ),
+            steps=functools.partial(task.train_steps, tokenizer, data, recipe),
+        )
+
+    def _pretrained(self, task):
+        """A fresh pre-trained model with the task's new head (its random init follows the cell's seed)."""
+        model, _ = task.load_model(self.resolved)
+        return model.to(self.device)
 
     def _curvature(self, model, task, tokenizer, data, recipe, seed: int) -> dict:
         """Sharpness (and opt-in Hessian metrics) of the cell's model on seeded evaluation examples."""
@@ -388,20 +402,6 @@ class Runner:
         except ValueError as exc:  # a non-finite loss: no curvature figure, but the cell's score stands
             log.warning("sharpness not measured: %s", exc)
         return out
-    def _training_data(self, task, tokenizer, data, recipe, seed: int) -> TrainingData:
-        """The task's labeled training batches for a data_used="labeled" method (seeded like the fine-tune)."""
-        return TrainingData(
-            batches=lambda epoch, **kw: task.train_batches(
-                tokenizer, data, recipe, seed=seed, epoch=epoch, device=self.device, **kw
-            ),
-            steps=functools.partial(task.train_steps, tokenizer, data, recipe),
-        )
-
-    def _pretrained(self, task):
-        """A fresh pre-trained model with the task's new head (its random init follows the cell's seed)."""
-        model, _ = task.load_model(self.resolved)
-        return model.to(self.device)
-
 
     def _latency(self, model) -> dict | None:
         """Batch 1 x LATENCY_TOKENS forward on real CPU kernels where torch has them; the kernel is named."""
@@ -440,6 +440,7 @@ class Runner:
             "seed": cell.seed,
             "limit": cell.limit,
             "data_used": method_entry.obj.data_used if method_entry else None,
+            "method_info": None,  # what the method reported (MethodContext.report), e.g. its trainable fraction
             "metrics": {},
             "score": None,
             "sharpness": None,
@@ -456,7 +457,6 @@ class Runner:
                 **provenance.versions(),
                 "method_plugin": str(method_plugin),
                 "task_plugin": str(task_entry.provider),
-            "method_info": None,  # what the method reported (MethodContext.report), e.g. its trainable fraction
             },
             "git_commit": provenance.git_commit(),
             "host": provenance.host(),
