@@ -5,11 +5,14 @@ scales, zero points and smoothing vector (``bench.quant.export``), the state of 
 quantizer (a static range: a few scalars), and every other parameter and persistent buffer in its own
 dtype (embeddings, norms, biases, the full-precision task/LM head). The weight quantizer's own tensors
 (a frozen grid, a learned LSQ step) are not counted again: they are the packed scales.
+An ``OutlierQuantLinear`` (PreQuant) stores its full-precision outlier slices and their indices on top of
+the packed codes: counted in their own dtype (float32, int64) under ``other``.
 Non-persistent buffers (rotary tables, position ids) are rebuilt at load time and not counted, like
 ``state_dict``. A tensor shared by several modules (tied embeddings) is counted once.
 
-``fp32_size_bytes`` is the same model stored unquantized in float32 (quantizer state dropped): the
-denominator of the compression ratio.
+``fp32_size_bytes`` is the same model stored unquantized in float32 (quantizer state dropped, and a
+layer's ``quant_only`` tensors such as smoothing vectors and outlier slices): the denominator of the compression
+ratio.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def fp32_size_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for owner, name, t in _stored_tensors(model):
-        if id(owner) in quantizers or (isinstance(owner, QuantLinear) and name == "input_scale"):
+        if id(owner) in quantizers or (isinstance(owner, QuantLinear) and name in owner.quant_only):
             continue
         if id(t) in seen:
             continue

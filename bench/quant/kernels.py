@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from bench.quant.export import QuantizedWeight, is_packable, quantize_linear
-from bench.quant.layers import QuantLinear
+from bench.quant.layers import OutlierQuantLinear, QuantLinear
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu (torch 2.13)
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
@@ -178,10 +178,38 @@ def int4_group(qw: QuantizedWeight) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if need % g == 0), None)
 
 
+class OutlierCorrected(nn.Module):
+    """A real-kernel layer plus the full-precision outlier slices of an ``OutlierQuantLinear`` (PreQuant):
+    y = kernel(x) + x[:, idx] @ delta^T for columns, y[:, idx] += x @ delta^T for rows, with delta the float
+    slices minus their quantized values (a dense FP32 matmul over the few selected dims). Named after the
+    kernel it wraps: the low-bit matmul is the real kernel, the correction is ~0.5% of the weights."""
+
+    def __init__(self, inner: _KernelLinear, layer: OutlierQuantLinear):
+        super().__init__()
+        self.inner, self.kernel, self.dim = inner, inner.kernel, layer.dim
+        self.register_buffer("index", layer.outlier_index.detach().clone())
+        self.register_buffer("delta", layer.outlier_delta().clone())
+        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        xs = x if self.input_scale is None else x / self.input_scale
+        if self.dim == 1:
+            return y + nn.functional.linear(xs.index_select(-1, self.index), self.delta)
+        return y.index_add(-1, self.index, nn.functional.linear(xs, self.delta))
+
+
 def kernel_for(layer: nn.Module) -> nn.Module:
     """The real-kernel replacement of one ``QuantLinear`` (a ``SimulatedLinear`` when torch has none)."""
     if not is_packable(layer):
         return layer
+    if isinstance(layer, OutlierQuantLinear) and isinstance(layer.act_quantizer, nn.Identity):
+        inner = _real_kernel(layer)
+        return inner if isinstance(inner, SimulatedLinear) else OutlierCorrected(inner, layer)
+    return _real_kernel(layer)
+
+
+def _real_kernel(layer: QuantLinear) -> nn.Module:
     if not isinstance(layer.act_quantizer, nn.Identity):
         return SimulatedLinear(layer)  # activation quantization has no matching CPU kernel (see module doc)
     qw = quantize_linear(layer)

@@ -102,10 +102,12 @@ def _cached_quantized(layer: nn.Module, effective_weight) -> torch.Tensor:
     in place or replaced, so methods that move weights (GPTQ, AWQ) never see a stale copy.
     """
     quantizer = layer.weight_quantizer
-    if torch.is_grad_enabled() or not getattr(quantizer, "frozen", False) or isinstance(quantizer, nn.Identity):
+    tensors = (layer.weight, getattr(layer, "input_scale", None), getattr(quantizer, "step", None))
+    # gradients wanted: a weight, smoothing vector or learned step that trains (frozen ones are cached: PreQuant)
+    wants_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if wants_grad or not getattr(quantizer, "frozen", False) or isinstance(quantizer, nn.Identity):
         layer.__dict__.pop("_qcache", None)
         return quantizer(effective_weight())
-    tensors = (layer.weight, getattr(layer, "input_scale", None), getattr(quantizer, "step", None))
     key = (getattr(quantizer, "generation", 0),) + tuple(
         (t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else None for t in tensors
     )
@@ -134,6 +136,8 @@ class QuantLinear(nn.Module):
         self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
         self.register_buffer("input_scale", None)
 
+    quant_only = ("input_scale",)  # tensors that are quantization state, not part of the unquantized model
+
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "input_scale", "weight_quantizer"):
             self.__dict__.pop("_qcache", None)  # a replaced tensor may reuse the old one's memory address
@@ -150,6 +154,48 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         return nn.functional.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class OutlierQuantLinear(QuantLinear):
+    """A ``QuantLinear`` whose few selected outlier columns (``dim=1``: input dims) or rows (``dim=0``: output
+    dims) are full-precision parameters that replace the quantized values there (PreQuant's outlier-aware
+    fine-tuning): the effective weight is Q(W) with those slices overwritten by ``outlier_weight``.
+
+    Every other entry stays exactly Q(W) of the frozen grid. Stored as the packed codes of Q(W) plus the float
+    slices and their int64 indices (``bench.metrics.size`` counts both, the codes under the slices included,
+    as a deployment would keep them); the real CPU kernels add the slices as a small float correction.
+    """
+
+    # tensors that are quantization state, not part of the model stored unquantized (fp32 size skips them)
+    quant_only = ("input_scale", "outlier_weight", "outlier_index")
+
+    def __init__(self, layer: QuantLinear, index: torch.Tensor, dim: int):
+        super().__init__(layer, layer.weight_quantizer, layer.act_quantizer)  # shares weight, bias, quantizers
+        self.input_scale = layer.input_scale
+        if dim not in (0, 1):
+            raise ValueError(f"outlier dim {dim}: 0 (rows, output dims) or 1 (columns, input dims)")
+        self.dim = dim
+        index = torch.as_tensor(index, dtype=torch.long, device=layer.weight.device).sort().values
+        self.register_buffer("outlier_index", index)
+        with torch.no_grad():
+            start = layer.effective_weight().detach().index_select(dim, index).clone()
+        self.outlier_weight = nn.Parameter(start)
+
+    def base_quantized_weight(self) -> torch.Tensor:
+        """Q(W) without the outlier slices: what the packed codes store."""
+        return super().quantized_weight()
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.base_quantized_weight().index_copy(self.dim, self.outlier_index, self.outlier_weight)
+
+    def outlier_delta(self) -> torch.Tensor:
+        """Full-precision slices minus their quantized values: the correction a real kernel adds."""
+        base = self.base_quantized_weight().detach().index_select(self.dim, self.outlier_index)
+        return self.outlier_weight.detach() - base
+
+    def extra_repr(self) -> str:
+        kind = "columns" if self.dim == 1 else "rows"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp {kind}={len(self.outlier_index)}"
 
 
 class QuantEmbedding(nn.Module):
@@ -173,7 +219,7 @@ class QuantEmbedding(nn.Module):
         return nn.functional.embedding(ids, self.quantized_weight(), self.padding_idx)
 
 
-QUANT_LAYERS = (QuantLinear, QuantEmbedding)
+QUANT_LAYERS = (QuantLinear, QuantEmbedding)  # OutlierQuantLinear is a QuantLinear
 
 
 def _matches(name: str, patterns) -> bool:

@@ -60,6 +60,11 @@ class LSQQuantizer(nn.Module):
     def freeze(self, w: torch.Tensor, qparams: QParams | None = None) -> None:
         """Nothing to freeze: the learned step is the grid (kept for the WeightQuantizer interface)."""
 
+    def clip_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """1.0 where ``w`` lies inside the grid's range (the straight-through gradient passes), 0.0 where clipped."""
+        v = group_view(w.detach(), self.granularity, self.group_size) / self.step.detach().abs().clamp_min(1e-8)
+        return ungroup(((v >= self.qmin) & (v <= self.qmax)).to(w.dtype), w)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         grouped = group_view(w, self.granularity, self.group_size)
         step = scale_grad(self.step, self.grad_factor(w)).abs().clamp_min(1e-8)

@@ -1,0 +1,285 @@
+"""The quantization-aware-training core shared by ``lsq`` and ``squat`` (one loop, one objective, two updates).
+
+Both start from the task's fine-tuned FP model, swap every Linear (but the task head) for a ``QuantLinear``
+with bench.quant's ``LSQQuantizer`` (learnable step per row/group, gradient scale 1/sqrt(N*Qp), STE), and
+train on the task's labeled data with knowledge distillation from the FP model they started from:
+
+    loss = kd_weight * KD(student logits, teacher logits) + (1 - kd_weight) * task loss
+
+KD is ``bench.training.distill_loss`` (KL at ``kd_temperature``, MSE for a single regression output); the task
+loss is the task's own (cross-entropy, MSE, causal-LM). Training runs through ``bench.training.train_loop``
+(AdamW, linear warm-up/decay, gradient clipping) with two parameter groups: the weights (every trainable
+parameter of the model but the steps: Linear weights, biases, LayerNorms, embeddings, head) at ``lr``, and the
+LSQ step sizes at ``step_lr`` without weight decay.
+
+- ``lsq``: plain LSQ QAT, one joint gradient step on weights and step sizes per batch (the train_loop default).
+- ``squat``: the same, but each update is SQuAT's alternation (``SQuATUpdate``): a SAM step on the weights
+  with the step sizes frozen, and a plain step on the step sizes with the weights frozen.
+
+Budget defaults fit the 2-core CPU this benchmark is developed on (one epoch over 2,000 training examples of
+the task, batch and length of the task's fine-tune recipe: ~63 steps on SST-2); they are budget choices, not
+the papers' (full GLUE training sets, several epochs): ``--set lsq.epochs=3 --set lsq.max_train_examples=0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bench.api import Method, MethodContext, QuantSpec
+from bench.quant import LSQQuantizer, QuantLinear, quantize_model
+from bench.training import distill_loss, sam_step, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Settings of the LSQ-based QAT methods (``--set lsq.lr=3e-5``; the same fields for ``squat``).
+
+    Defaults are CPU budget choices (see the module docstring); lr values were checked on MiniLM/SST-2 so
+    that W2 does not collapse.
+    """
+
+    epochs: int = 1
+    max_train_examples: int | None = 2000  # None: the task recipe's cap (the FP fine-tune's examples); 0: all
+    batch_size: int | None = None  # None: the task recipe's (32 for GLUE)
+    lr: float = 5e-5  # weights (AdamW)
+    step_lr: float = 1e-4  # LSQ step sizes (AdamW, no weight decay)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    kd_weight: float = 1.0  # loss = kd_weight * KD + (1 - kd_weight) * task loss; 0 = no teacher
+    kd_kind: Literal["kl", "mse"] = "kl"
+    kd_temperature: float = 1.0
+
+
+def model_inputs(batch: dict) -> dict:
+    """A labeled batch without its labels: what a model (the teacher) is called with."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class Distilled:
+    """The QAT objective on one batch: KD from ``teacher`` mixed with the task loss by ``kd_weight``."""
+
+    def __init__(self, task, teacher: nn.Module | None, config: QATConfig):
+        self.task, self.teacher, self.config = task, teacher, config
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict) -> torch.Tensor | None:
+        if self.teacher is None or self.config.kd_weight == 0:
+            return None
+        return self.teacher(**model_inputs(batch)).logits
+
+    def __call__(self, model: nn.Module, batch: dict, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(batch)
+        if teacher_logits is None:
+            return self.task.loss(model, batch)
+        if cfg.kd_weight >= 1:
+            logits = model(**model_inputs(batch)).logits
+            return distill_loss(logits, teacher_logits, kind=cfg.kd_kind, temperature=cfg.kd_temperature)
+        captured: list[torch.Tensor] = []  # the task's own loss call, with its logits caught: one forward
+        handle = model.register_forward_hook(lambda _m, _a, out: captured.append(out.logits))
+        try:
+            task_loss = self.task.loss(model, batch)
+        finally:
+            handle.remove()
+        kd = distill_loss(captured[-1], teacher_logits, kind=cfg.kd_kind, temperature=cfg.kd_temperature)
+        return cfg.kd_weight * kd + (1 - cfg.kd_weight) * task_loss
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, step sizes): the LSQ steps of every QuantLinear, and every other trainable parameter."""
+    steps = [m.step for m in model.modules() if isinstance(m, LSQQuantizer)]
+    ids = {id(p) for p in steps}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return weights, steps
+
+
+@contextmanager
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` off for ``params`` inside (they get no gradient, so the optimizer skips them)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class ClipThenStep:
+    """An optimizer view that clips the gradient norm of ``params`` before each step (for ``sam_step``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float | None):
+        self.optimizer, self.params, self.max_norm = optimizer, params, max_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        if self.max_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_norm)
+        self.optimizer.step()
+
+
+def gradient_step(loss: torch.Tensor, params: list[nn.Parameter], optimizer, max_norm: float | None) -> float:
+    """One plain update: backward, clip ``params``' gradient norm, step, clear gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ClipThenStep(optimizer, params, max_norm).step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+class QATMethod(Method):
+    """LSQ QAT from the fine-tuned FP model with KD; subclasses choose the per-batch update (``update``)."""
+
+    data_used = "labeled"
+    Config = QATConfig
+    name = "qat"
+
+    def update(self, objective: Distilled, model: nn.Module, steps_per_epoch: int) -> Callable | None:
+        """The per-batch update for ``train_loop`` (None: its default joint gradient step on ``objective``)."""
+        return None
+
+    def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
+        cfg = self.config
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kd_weight > 0 else None
+        model = quantize_model(model.requires_grad_(True), spec, keep_fp=context.keep_fp, weight_quantizer=LSQQuantizer)
+        weights, steps = split_parameters(model)
+        objective = Distilled(context.task, teacher, cfg)
+        budget = dict(examples=cfg.max_train_examples, batch_size=cfg.batch_size)
+        steps_per_epoch = context.steps_per_epoch(method=self.name, **budget)
+        losses = train_loop(
+            model,
+            lambda epoch: context.train_batches(epoch, method=self.name, **budget),
+            objective,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_ratio=cfg.warmup_ratio,
+            params=[{"params": weights, "lr": cfg.lr}, {"params": steps, "lr": cfg.step_lr, "weight_decay": 0.0}],
+            max_grad_norm=cfg.max_grad_norm,
+            desc=f"{self.name} W{spec.w_bits}",
+            step=self.update(objective, model, steps_per_epoch),
+        )
+        context.report.update(
+            train_steps=len(losses),
+            first_loss=round(losses[0], 5) if losses else None,
+            last_loss=round(losses[-1], 5) if losses else None,
+            lsq_layers=len(steps),
+        )
+        return model.eval()
+
+
+def lsq_layers(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, LSQQuantizer)]
+
+
+@contextmanager
+def perturb_quantized(layers: list[QuantLinear]) -> Iterator[None]:
+    """Inside, each layer's forward reads Q(w0) + m * (w - w0), w0 = its weight on entry and m = 1 where w0
+    lies inside the grid's range (the straight-through mask): at w = w0 it is exactly Q(w0) with LSQ's weight
+    gradient, and a perturbation e of the weights moves the *quantized* weight to Q(w0) + m * e, so SAM sees
+    the loss surface around the weights the model uses (the point the sharpness metric measures), instead
+    of re-rounding w0 + e (which gives Q(w0) back for every e smaller than half a step). Step sizes must be
+    frozen inside (they are not differentiated here)."""
+    saved = []
+    try:
+        for layer in layers:
+            with torch.no_grad():
+                w0 = layer.weight.detach().clone()
+                q0 = layer.weight_quantizer(w0).detach()
+                mask = layer.weight_quantizer.clip_mask(w0)
+            saved.append(layer)
+            layer.quantized_weight = lambda layer=layer, w0=w0, q0=q0, mask=mask: q0 + mask * (layer.weight - w0)
+        yield
+    finally:
+        for layer in saved:
+            layer.__dict__.pop("quantized_weight", None)
+
+
+def _rng_states() -> tuple:
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return cpu, cuda
+
+
+def _set_rng_states(states: tuple) -> None:
+    cpu, cuda = states
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class SQuATUpdate:
+    """SQuAT's alternating update (a ``train_loop`` step function).
+
+    - ``weight_phase``: the sharpness objective on the weights, step sizes frozen: one ``sam_step`` (ascend to
+      w + e with e = rho * g/||g||, take the gradient there, restore w, step). ``perturb="quantized"`` moves the
+      quantized weights (``perturb_quantized``), ``"latent"`` the float weights before rounding. Both loss
+      evaluations see the same dropout masks (the RNG state is replayed), so their gap is the perturbation's.
+    - ``step_size_phase``: the plain objective on the step sizes, weights frozen: one gradient step.
+    - ``schedule``: ``"step"`` runs both phases on every batch (weights, then step sizes); ``"alternate"``
+      alternates them batch by batch; ``"epoch"`` alternates whole epochs (weights first; needs epochs >= 2).
+    """
+
+    def __init__(self, objective: Distilled, model: nn.Module, config, steps_per_epoch: int):
+        self.objective, self.config, self.steps_per_epoch = objective, config, max(1, steps_per_epoch)
+        self.weights, self.steps = split_parameters(model)
+        self.layers = lsq_layers(model)
+        self.calls = 0
+        self.gaps: list[float] = []  # loss at w + e minus loss at w, per weight phase
+
+    def weight_phase(self, model: nn.Module, batch: dict, optimizer, teacher_logits=None) -> float:
+        cfg = self.config
+        states = _rng_states()
+
+        def closure() -> torch.Tensor:
+            _set_rng_states(states)
+            return self.objective(model, batch, teacher_logits)
+
+        with frozen(self.steps):
+            perturbing = perturb_quantized(self.layers) if cfg.perturb == "quantized" else _nothing()
+            with perturbing:
+                loss, perturbed = sam_step(
+                    self.weights, closure, ClipThenStep(optimizer, self.weights, cfg.max_grad_norm), rho=cfg.rho
+                )
+        self.gaps.append(perturbed - loss)
+        return loss
+
+    def step_size_phase(self, model: nn.Module, batch: dict, optimizer, teacher_logits=None) -> float:
+        with frozen(self.weights):
+            loss = self.objective(model, batch, teacher_logits)
+            return gradient_step(loss, self.steps, optimizer, self.config.max_grad_norm)
+
+    def __call__(self, model: nn.Module, batch: dict, optimizer) -> float:
+        index, self.calls = self.calls, self.calls + 1
+        teacher_logits = self.objective.teacher_logits(batch)
+        schedule = self.config.schedule
+        if schedule == "step":
+            loss = self.weight_phase(model, batch, optimizer, teacher_logits)
+            self.step_size_phase(model, batch, optimizer, teacher_logits)
+            return loss
+        phase = index if schedule == "alternate" else index // self.steps_per_epoch
+        if phase % 2 == 0:
+            return self.weight_phase(model, batch, optimizer, teacher_logits)
+        return self.step_size_phase(model, batch, optimizer, teacher_logits)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
