@@ -73,7 +73,7 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 def cmd_run(args) -> int:
     from bench import plugins as plugin_mod
     from bench import provenance
-    from bench.executors import import_ray, make_executor
+    from bench.executors import make_executor
     from bench.leaderboard import build, collect
     from bench.models import ALIASES
     from bench.results import ResultStore
@@ -110,8 +110,8 @@ def cmd_run(args) -> int:
     executor = make_executor(
         args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_cpus_per_cell=args.ray_cpus_per_cell
     )
-    if args.executor.lower() == "ray":
-        import_ray()  # the install hint before anything is written
+    if hasattr(executor, "check"):
+        executor.check()  # e.g. the Ray install hint, an unreachable --ray-address: before anything is written
     out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     store = ResultStore(out)
     if store.path.exists():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -248,6 +249,17 @@ class RayExecutor:
     # the remote function of a cell (tests swap in one that crashes its worker)
     cell_fn = staticmethod(run_cell)
 
+    def check(self) -> None:
+        """Fail fast, before the run dir is written: Ray missing, or an ``address`` nothing listens on
+        (Ray itself retries an unreachable cluster for minutes before it gives up)."""
+        import_ray()
+        host, port = _host_port(self.address) if self.address else (None, None)
+        if host and port:
+            try:
+                socket.create_connection((host, port), timeout=5).close()
+            except OSError as exc:
+                raise BenchError(f"--ray-address {self.address}: nothing answers at {host}:{port} ({exc})") from None
+
     def execute(self, runner: Runner, groups: list[list[Cell]]) -> Rows:
         ray = import_ray()
         started_here = self._init(ray)
@@ -316,6 +328,13 @@ def import_ray():
     except ImportError:
         raise BenchError(RAY_MISSING) from None
     return ray
+
+
+def _host_port(address: str) -> tuple[str | None, int | None]:
+    """'ray://head:10001' or 'head:6379' -> ('head', port); 'auto' (and the like) -> (None, None)."""
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else (None, None)
 
 
 def _needs_prepare(runner: Runner):

@@ -118,12 +118,16 @@ def test_other_failures_log_their_traceback_with_v(tmp_path, monkeypatch, caplog
         (["--jobs", "0"], "--jobs 0: must be a positive number of parallel cells"),
         (["--ray-address", "auto"], "--ray-address needs --executor ray"),
         (["--executor", "ray", "--ray-cpus-per-cell", "0"], "--ray-cpus-per-cell 0.0: must be positive"),
+        (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: nothing answers at"),
     ],
 )
 def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
+    if "ray" in flags:
+        pytest.importorskip("ray")
     assert main(["run", *TINY, *flags, "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"bench: error: {message}"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bench: error: {message}") and "\n" not in err
     assert not out.exists()
 
 
