@@ -18,6 +18,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -40,6 +41,7 @@ RAY_MISSING = "--executor ray needs the optional extra: pip install 'quantbench[
 CARRIED_ENV = ("QUANTBENCH_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
 # workers' own progress bars (fine-tune, eval) would interleave on the driver's terminal: the driver's bar counts cells
 WORKER_ENV = {"TQDM_DISABLE": "1"}
+LOG_FLUSH_S = 1.5
 
 Rows = Iterator[tuple[Cell, dict]]
 
@@ -264,6 +266,7 @@ class RayExecutor:
         ray = import_ray()
         started_here = self._init(ray)
         pending: dict = {}
+        failed = False
         try:
             threads = max(1, int(self.cpus_per_cell))
             spec_ref = ray.put(WorkerSpec.of(runner, threads=threads))
@@ -287,6 +290,7 @@ class RayExecutor:
                         row = ray.get(ref)
                     except ray.exceptions.RayError as exc:
                         row = _lost_cell(runner, cell, _ray_cause(exc), started, detail=str(exc))
+                    failed = failed or row["status"] != "ok"
                     yield cell, row
         finally:
             for ref in pending:  # interrupted: stop what is still queued on a cluster that outlives us
@@ -295,6 +299,8 @@ class RayExecutor:
                 except Exception as exc:  # already finished or the cluster is gone: nothing left to stop
                     log.debug("could not cancel a Ray task: %s", exc)
             if started_here:
+                if failed:  # Ray forwards worker logs by polling their files: let the failures' tracebacks arrive
+                    time.sleep(LOG_FLUSH_S)
                 ray.shutdown()
 
     def _init(self, ray) -> bool:
