@@ -140,6 +140,10 @@ class Method:
     data_used: ClassVar[DataUsed] = "none"
     Config: ClassVar[type] = NoConfig
     description: ClassVar[str] = ""
+    # The activation bit-width of the method's paper (8 for the WxA8 QAT papers). When --act-bits is not
+    # given, a grid uses the highest of its methods' values for every cell (None: weights only), so the
+    # methods of one run always share one QuantSpec.
+    default_act_bits: ClassVar[int | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

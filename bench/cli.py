@@ -21,6 +21,7 @@ from bench.errors import BenchError, unknown
 log = logging.getLogger("bench")
 
 BITS_CHOICES = range(2, 9)
+FLOAT_ACTIVATIONS = ("32", "float", "none")  # --act-bits values that keep activations in float
 RESULTS_ROOT = Path("results")
 RUN_FORMATS = ("md", "csv", "json", "html", "png")
 
@@ -41,10 +42,10 @@ def comma_list(raw: str, option: str) -> list[str]:
     return items
 
 
-def int_list(raw: str, option: str, choices=None) -> list[int]:
+def int_list(raw: str, option: str, choices=None, extra: tuple[str, ...] = ()) -> list[int]:
     out = []
     for item in comma_list(raw, option):
-        valid = f"; choose from {min(choices)}..{max(choices)}" if choices else ""
+        valid = f"; choose from {min(choices)}..{max(choices)}" + "".join(f" or {e}" for e in extra) if choices else ""
         try:
             value = int(item)
         except ValueError:
@@ -85,7 +86,12 @@ def cmd_run(args) -> int:
     default_task = "wikitext2" if decoder else "sst2"
     # the papers' conventions: per-channel weights for BERT-style encoders, groups of 128 for decoders
     granularity = args.granularity or ("per-group" if decoder else "per-channel")
-    act_bits = int_list(args.act_bits, "--act-bits", BITS_CHOICES) if args.act_bits else [None]
+    if args.act_bits is None:
+        act_bits = ["auto"]
+    elif args.act_bits.strip().lower() in FLOAT_ACTIVATIONS:
+        act_bits = [None]
+    else:
+        act_bits = int_list(args.act_bits, "--act-bits", BITS_CHOICES, extra=FLOAT_ACTIVATIONS)
     if len(act_bits) > 1:
         raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
     if args.limit is not None and args.limit < 1:
@@ -286,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--act-bits",
         default=None,
-        help="activation bits (2..8); default: weights only, activations stay float (shown as A32)",
+        help="activation bits: 2..8, or 32 (float, weights-only quantization, shown as A32); default: the "
+        "methods' paper setting (8 when a WxA8 QAT method such as zsaq, gan, squat is in the grid, for every "
+        "method of the grid), else 32",
     )
     run.add_argument(
         "--tasks",

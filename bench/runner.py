@@ -113,7 +113,7 @@ class GridRequest:
     tasks: list[str]
     seeds: list[int]
     model: str = models.DEFAULT_MODEL
-    act_bits: int | None = None
+    act_bits: int | str | None = "auto"  # "auto": the methods' paper setting (Method.default_act_bits)
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
@@ -140,8 +140,9 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     resolved = models.resolve(request.model)
+    act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
     specs = [
-        QuantSpec(b, request.act_bits, request.granularity, request.group_size, request.symmetric, request.embeddings)
+        QuantSpec(b, act_bits, request.granularity, request.group_size, request.symmetric, request.embeddings)
         for b in request.bits
     ]
     cells = []
@@ -163,6 +164,21 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                     continue
                 cells.extend(Cell(method, configs[method], spec, **common, variant=variants[method]) for spec in specs)
     return cells, resolved
+
+
+def _act_bits(requested: int | str | None, method_classes: list) -> int | None:
+    """The grid's one activation bit-width: as asked, or for "auto" the highest paper setting among the
+    methods (ZSAQ's WxA8 makes every cell of its grid A8, RTN included, so the comparison stays fair)."""
+    if requested != "auto":
+        return requested
+    wanted = {cls.default_act_bits for cls in method_classes} - {None}
+    if wanted:
+        log.info(
+            "activations: A%d for every cell (the papers' setting of %s); --act-bits 32 keeps them float",
+            max(wanted),
+            ", ".join(c.__name__ for c in method_classes if c.default_act_bits),
+        )
+    return max(wanted, default=None)
 
 
 def expand_groups(plugins: Plugins, names: list[str]) -> list[str]:

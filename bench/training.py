@@ -117,15 +117,24 @@ def sam_step(
     return loss.item(), perturbed.item()
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "kl", temperature: float = 1.0):
+def distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    detach_teacher: bool = True,
+) -> torch.Tensor:
     """Teacher-student discrepancy on output logits (last dim = classes or vocabulary), averaged per position.
 
     ``kl``: KL(teacher || student) of the softmax distributions at ``temperature`` (times T^2, Hinton's
     scaling, so gradients keep their size); ``mse``: mean squared error of the raw outputs. A single
     output (a regression head, STS-B) always uses MSE: it has no distribution. Used by knowledge
-    distillation (SQuAT, LSQ) and as the adversarial objective of the zero-shot methods (ZSAQ, GAN).
+    distillation (SQuAT, LSQ) and as the adversarial objective of the zero-shot methods (ZSAQ, GAN), whose
+    generator ascends it through both models (``detach_teacher=False``).
     """
-    teacher = teacher.detach()
+    if detach_teacher:
+        teacher = teacher.detach()
     if kind == "mse" or student.shape[-1] == 1:
         return torch.nn.functional.mse_loss(student, teacher)
     if kind != "kl":

@@ -62,6 +62,7 @@ class ZeroShotConfig:
     discrepancy: Literal["kl", "mse"] = "kl"
     temperature: float = 1.0  # of the generator's token distribution and of the KL
     mask_ratio: float = 0.5  # masked-LM generators: share of noise positions given as [MASK]
+    sampling: Literal["gumbel", "soft"] = "gumbel"  # hard straight-through token samples, or soft averages
     weight_quantizer: Literal["lsq", "minmax"] = "lsq"  # student grid: learned step, or min-max that follows w
     preset: Literal["cpu", "paper"] = "cpu"
 
@@ -109,11 +110,24 @@ class Generator(nn.Module):
             ids = torch.where(masked, torch.full_like(ids, self.tokenizer.mask_token_id), ids)
         return ids
 
-    def forward(self, noise: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distribution over the student's vocabulary (B, L, V_s), embedding correction (B, L, d))."""
+    def forward(
+        self, noise: torch.Tensor, temperature: float, rng: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens over the student's vocabulary (B, L, V_s), embedding correction (B, L, d)).
+
+        With ``rng`` the tokens are Gumbel-softmax samples, one-hot in the forward pass with the soft
+        sample's gradient (straight-through): real token sequences, still differentiable. Without it,
+        the soft distributions themselves (their embedding average blurs towards a mean token).
+        """
         out = self.lm(input_ids=noise, output_hidden_states=True)
         logits = out.logits.float().masked_fill(self.banned, float("-inf"))
+        if rng is not None:
+            uniform = torch.rand(logits.shape, generator=rng).clamp(1e-10, 1.0).to(logits.device)
+            logits = logits - torch.log(-torch.log(uniform))
         probs = torch.softmax(logits / temperature, dim=-1)
+        if rng is not None:
+            hard = nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+            probs = hard - probs.detach() + probs
         if self.token_map is not None:  # different vocabularies: move each token's mass to its student token
             keep = self.token_map >= 0
             mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab)
@@ -268,7 +282,7 @@ class ZSAQ(Method):
         def generated(grad: bool):
             noise = generator.noise(cfg.batch_size, inner, rng).to(device)
             with torch.set_grad_enabled(grad):
-                probs, correction = generator(noise, cfg.temperature)
+                probs, correction = generator(noise, cfg.temperature, rng if cfg.sampling == "gumbel" else None)
             return soft_embeddings(teacher, probs, correction, ends), soft_embeddings(student, probs, correction, ends)
 
         # Adam on the negated discrepancy = stochastic gradient ascent on the generator and its adapter
