@@ -7,7 +7,8 @@ from bench.cli import main
 BAD_RUNS = [
     (
         ["--methods", "rtm"],
-        "unknown method 'rtm' (did you mean 'rtn'?); choose from: awq, fp32, gan, gptq, lsq, prequant, rtn, smoothquant, squat, zsaq",
+        "unknown method 'rtm' (did you mean 'rtn'?); choose from: awq, fp32, gan, gptq, lsq, prequant, rtn, "
+        "smoothquant, squat, zsaq",
     ),
     (["--tasks", "sst3"], "unknown task 'sst3' (did you mean 'sst2'?)"),
     (["--model", "minilx"], "unknown model 'minilx' (did you mean 'minilm'?)"),
