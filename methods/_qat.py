@@ -16,8 +16,8 @@ LSQ step sizes at ``step_lr`` without weight decay.
 - ``squat``: the same, but each update is SQuAT's alternation (``SQuATUpdate``): a SAM step on the weights
   with the step sizes frozen, and a plain step on the step sizes with the weights frozen.
 
-Budget defaults fit the 2-core CPU this benchmark is developed on (one epoch over 2,000 training examples of
-the task, batch and length of the task's fine-tune recipe: ~63 steps on SST-2); they are budget choices, not
+Budget defaults fit the 2-core CPU this benchmark is developed on (one epoch over 1,500 training examples of
+the task, batch and length of the task's fine-tune recipe: 47 steps on SST-2); they are budget choices, not
 the papers' (full GLUE training sets, several epochs): ``--set lsq.epochs=3 --set lsq.max_train_examples=0``.
 """
 
@@ -49,7 +49,7 @@ class QATConfig:
     """
 
     epochs: int = 1
-    max_train_examples: int | None = 2000  # None: the task recipe's cap (the FP fine-tune's examples); 0: all
+    max_train_examples: int | None = 1500  # None: the task recipe's cap (the FP fine-tune's examples); 0: all
     batch_size: int | None = None  # None: the task recipe's (32 for GLUE)
     lr: float = 5e-5  # weights (AdamW)
     step_lr: float = 1e-4  # LSQ step sizes (AdamW, no weight decay)

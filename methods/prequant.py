@@ -49,8 +49,8 @@ class PreQuantConfig:
     select: Literal["column", "row"] = "column"  # outlier input dims (columns) or output dims (rows)
     score: Literal["l2", "absmax", "error"] = "l2"  # of the pre-trained weight's column/row; error: |W - Q(W)|
     fraction: float = 0.005  # of each quantized Linear's weights kept in full precision and trained
-    lr: float = 1e-3  # outlier slices (AdamW)
-    head_lr: float = 1e-3  # the new task head
+    lr: float = 5e-3  # outlier slices (AdamW)
+    head_lr: float = 5e-3  # the new task head
     train_head: bool = True  # classification/regression heads (an LM head is never trained)
     epochs: int = 1
     max_train_examples: int | None = None  # None: the task recipe's cap (the FP fine-tune's examples); 0: all
