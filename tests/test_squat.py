@@ -46,8 +46,9 @@ def test_step_size_phase_changes_only_step_sizes():
     assert len(steps) == 13 and changed == steps  # every step size moved, nothing else
 
 
-def test_weight_phase_changes_only_weights_and_is_sharpness_aware():
-    model, update, optimizer = _setup()
+@pytest.mark.parametrize("perturb", ["quantized", "latent"])
+def test_weight_phase_changes_only_weights_and_is_sharpness_aware(perturb):
+    model, update, optimizer = _setup(perturb=perturb)
     before = _snapshot(model)
     update.weight_phase(model, _labeled(1)[0], optimizer)
     changed = _changed(model, before)
