@@ -24,6 +24,9 @@ RUN_META = "run.json"
 LOCK = ".lock"
 
 
+ROW_FIELDS = frozenset({"key", "status"})  # what resume cannot do without
+
+
 class ResultStore:
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
@@ -99,13 +102,18 @@ class ResultStore:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 torn = number == len(lines) or all(not rest.strip() for rest in lines[number:])
                 if torn or self._is_sealed_tear(lines, number):
                     log.warning("%s line %d is a torn write from an interrupted run; ignored", self.path, number)
                     continue
                 raise BenchError(f"{self.path} line {number} is corrupt (not JSON); fix or remove it") from None
+            if not isinstance(row, dict) or not ROW_FIELDS <= row.keys():
+                raise BenchError(
+                    f"{self.path} line {number} is not a quantbench result row (needs {', '.join(sorted(ROW_FIELDS))})"
+                )
+            rows.append(row)
         return rows
 
     @staticmethod

@@ -44,6 +44,16 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         store.rows()
 
 
+def test_json_lines_that_are_not_result_rows_are_an_error(tmp_path):
+    """Some other tool's JSONL in a run dir: one clear line, not a KeyError from deep inside resume."""
+    store = ResultStore(tmp_path)
+    store.append(_row("a"))
+    with open(store.path, "a") as fh:
+        fh.write('{"a": 1}\n')
+    with pytest.raises(BenchError, match=r"line 2 is not a quantbench result row \(needs key, status\)"):
+        store.rows()
+
+
 def test_open_existing_rejects_non_run_dirs(tmp_path):
     with pytest.raises(BenchError, match="not a quantbench run dir"):
         ResultStore.open_existing(tmp_path)
