@@ -255,9 +255,14 @@ class ZSAQ(Method):
                 loss = value.item()
             history.append(loss)
             bar.set_postfix(D=f"{loss:.4f}")
-        log.info(
-            "%s: %d student steps, discrepancy %.4f -> %.4f", type(self).__name__, cfg.steps, history[0], history[-1]
-        )
+        if history:
+            log.info(
+                "%s: %d student steps, discrepancy %.4f -> %.4f",
+                type(self).__name__,
+                len(history),
+                history[0],
+                history[-1],
+            )
         student.requires_grad_(False)
         return freeze(student.eval())
 
