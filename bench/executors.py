@@ -25,13 +25,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from multiprocessing import get_context
 
 from bench import hub
 from bench.errors import BenchError, unknown
 from bench.models import ResolvedModel
-from bench.runner import Cell, Runner, SharpnessSettings
+from bench.runner import Cell, Runner, SharpnessSettings, _now
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +372,3 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

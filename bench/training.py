@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,45 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def frozen(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` off for ``params`` inside (they get no gradient, so the optimizer skips them)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class ClipThenStep:
+    """An optimizer view that clips the gradient norm of ``params`` before each step (for ``sam_step``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float | None):
+        self.optimizer, self.params, self.max_norm = optimizer, params, max_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        if self.max_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_norm)
+        self.optimizer.step()
+
+
+def gradient_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, max_norm: float | None) -> float:
+    """One plain update: backward, clip ``params``' gradient norm, step, clear gradients (``train_loop``'s
+    default, the plain student step of the zero-shot methods, SQuAT's step-size phase)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ClipThenStep(optimizer, params, max_norm).step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def train_loop(
@@ -60,12 +100,7 @@ def train_loop(
                 if step is not None:
                     loss = step(model, batch, optimizer)
                 else:
-                    loss = loss_fn(model, batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    optimizer.step()
+                    loss = gradient_step(loss_fn(model, batch), params, optimizer, max_grad_norm)
                 schedule.step()
                 losses.append(loss.item() if isinstance(loss, torch.Tensor) else float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from bench.api import Method, MethodContext, QuantSpec
 from bench.quant import LSQQuantizer, QuantLinear, quantize_model
-from bench.training import distill_loss, sam_step, train_loop
+from bench.training import ClipThenStep, distill_loss, frozen, gradient_step, sam_step, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -103,44 +103,6 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     ids = {id(p) for p in steps}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     return weights, steps
-
-
-@contextmanager
-def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """``requires_grad`` off for ``params`` inside (they get no gradient, so the optimizer skips them)."""
-    params = list(params)
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
-class ClipThenStep:
-    """An optimizer view that clips the gradient norm of ``params`` before each step (for ``sam_step``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float | None):
-        self.optimizer, self.params, self.max_norm = optimizer, params, max_norm
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        if self.max_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_norm)
-        self.optimizer.step()
-
-
-def gradient_step(loss: torch.Tensor, params: list[nn.Parameter], optimizer, max_norm: float | None) -> float:
-    """One plain update: backward, clip ``params``' gradient norm, step, clear gradients."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    ClipThenStep(optimizer, params, max_norm).step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 class QATMethod(Method):
@@ -253,7 +215,7 @@ class SQuATUpdate:
             return self.objective(model, batch, teacher_logits)
 
         with frozen(self.steps):
-            perturbing = perturb_quantized(self.layers) if cfg.perturb == "quantized" else _nothing()
+            perturbing = perturb_quantized(self.layers) if cfg.perturb == "quantized" else nullcontext()
             with perturbing:
                 loss, perturbed = sam_step(
                     self.weights, closure, ClipThenStep(optimizer, self.weights, cfg.max_grad_norm), rho=cfg.rho
@@ -278,8 +240,3 @@ class SQuATUpdate:
         if phase % 2 == 0:
             return self.weight_phase(model, batch, optimizer, teacher_logits)
         return self.step_size_phase(model, batch, optimizer, teacher_logits)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

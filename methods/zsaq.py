@@ -38,7 +38,7 @@ from bench import hookimpl, models
 from bench.api import Method, MethodContext, QuantSpec
 from bench.quant import QuantEmbedding, WeightQuantizer, freeze, quantize_model
 from bench.quant.lsq import LSQQuantizer
-from bench.training import distill_loss, sam_step
+from bench.training import distill_loss, frozen, gradient_step, sam_step
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +224,18 @@ class ZSAQ(Method):
         student.eval()  # dropout off: the discrepancy is a deterministic function of x
         weights, trainable = _student_parameters(student)
         rng = torch.Generator().manual_seed(context.seed)
-        make_inputs = self._input_maker(cfg, student, teacher, context, device, rng)
+        make_inputs, gen_opt = self._input_maker(cfg, student, teacher, context, device, rng)
         student_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-        gen_opt = make_inputs.optimizer
         bar = tqdm(range(cfg.steps), desc=f"{type(self).__name__} W{spec.w_bits}", leave=False, dynamic_ncols=True)
         history = []
         for step in bar:
             if gen_opt is not None and step % cfg.student_steps == 0:
-                _set_trainable(trainable, False)  # the student is fixed while the generator ascends
-                for _ in range(cfg.generator_steps):
-                    gen_opt.zero_grad(set_to_none=True)
-                    t_in, s_in = make_inputs(grad=True)
-                    (-generator_objective(teacher, student, t_in, s_in, cfg)).backward()
-                    gen_opt.step()
-                _set_trainable(trainable, True)
+                with frozen(trainable):  # the student is fixed while the generator ascends
+                    for _ in range(cfg.generator_steps):
+                        gen_opt.zero_grad(set_to_none=True)
+                        t_in, s_in = make_inputs(grad=True)
+                        (-generator_objective(teacher, student, t_in, s_in, cfg)).backward()
+                        gen_opt.step()
             with torch.no_grad():
                 t_in, s_in = make_inputs(grad=False)
                 target = _logits(teacher, t_in)
@@ -248,11 +246,7 @@ class ZSAQ(Method):
             if cfg.student_optimizer == "sam":
                 loss, _ = sam_step(weights, closure, student_opt, rho=cfg.rho)
             else:
-                student_opt.zero_grad(set_to_none=True)
-                value = closure()
-                value.backward()
-                student_opt.step()
-                loss = value.item()
+                loss = gradient_step(closure(), trainable, student_opt, max_norm=None)
             history.append(loss)
             bar.set_postfix(D=f"{loss:.4f}")
         if history:
@@ -267,7 +261,8 @@ class ZSAQ(Method):
         return freeze(student.eval())
 
     def _input_maker(self, cfg, student, teacher, context, device, rng):
-        """A callable returning (teacher inputs_embeds, student inputs_embeds) for one batch, and its optimizer."""
+        """``(make, optimizer)``: ``make(grad)`` returns (teacher inputs_embeds, student inputs_embeds) for one
+        batch; ``optimizer`` ascends the generator (None when nothing is trained: frozen or random inputs)."""
         ends = _ends(context.tokenizer)
         inner = cfg.seq_len - sum(e is not None for e in ends)
         if inner < 1:
@@ -283,8 +278,7 @@ class ZSAQ(Method):
                 zero = probs.new_zeros(1)
                 return soft_embeddings(teacher, probs, zero, ends), soft_embeddings(student, probs, zero, ends)
 
-            random_tokens.optimizer = None
-            return random_tokens
+            return random_tokens, None
         embed_dim = student.get_input_embeddings().embedding_dim
         generator = load_generator(cfg.generator, context.tokenizer, embed_dim, cfg.mask_ratio).to(device)
         generator.train(False).requires_grad_(cfg.train_generator)
@@ -296,10 +290,8 @@ class ZSAQ(Method):
             return soft_embeddings(teacher, probs, correction, ends), soft_embeddings(student, probs, correction, ends)
 
         # Adam on the negated discrepancy = stochastic gradient ascent on the generator and its adapter
-        generated.optimizer = (
-            torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if cfg.train_generator else None
-        )
-        return generated
+        ascent = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if cfg.train_generator else None
+        return generated, ascent
 
 
 def _student_parameters(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -314,13 +306,9 @@ def _student_parameters(student: nn.Module) -> tuple[list[nn.Parameter], list[nn
             weights.append(module.weight)
             trainable.extend(module.parameters())
     trainable = list({id(p): p for p in trainable}.values())  # tied tables appear once
-    _set_trainable(trainable, True)
+    for p in trainable:
+        p.requires_grad_(True)
     return weights, trainable
-
-
-def _set_trainable(params: list[nn.Parameter], on: bool) -> None:
-    for p in params:
-        p.requires_grad_(on)
 
 
 def discrepancy(teacher: nn.Module, student: nn.Module, t_in, s_in, cfg: ZeroShotConfig) -> torch.Tensor:
