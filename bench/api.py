@@ -30,12 +30,17 @@ class QuantSpec:
     group_size: int = 128
     symmetric: bool = True
     embeddings: bool = False  # also quantize nn.Embedding tables (weights only, same grid rules)
+    # the 2^b - 1 level symmetric grid (ternary at 2 bits) some BERT papers mean by "2-bit"; the default grid
+    # has all 2^b levels for every method (bench.quant.uniform), so this is an explicit choice, never silent
+    narrow: bool = False
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise unknown("granularity", self.granularity, GRANULARITIES)
         if self.group_size < 1:
             raise BenchError(f"group size {self.group_size}: must be a positive number of input columns")
+        if self.narrow and not self.symmetric:
+            raise BenchError("--narrow-grid is a symmetric grid: drop --asymmetric or --narrow-grid")
 
     def label(self, float_bits: int = 32) -> str:
         """'W4A8', or 'W4A32' when activations are left in float32; non-default grids are spelled out
@@ -47,9 +52,27 @@ class QuantSpec:
             parts.append("per-tensor")
         if not self.symmetric:
             parts.append("asym")
+        if self.narrow:
+            parts.append("narrow")
         if self.embeddings:
             parts.append("+emb")
         return " ".join(parts)
+
+    @property
+    def levels(self) -> int:
+        """Distinct weight values per row/group: 2^b, or 2^b - 1 on the narrow grid."""
+        return 2**self.w_bits - (1 if self.narrow else 0)
+
+    def grid(self) -> dict[str, Any]:
+        """What every result row records about the weight grid, so two rows on different grids never pass
+        for one comparison: symmetric or not, levels, granularity, group size."""
+        return {
+            "symmetric": self.symmetric,
+            "narrow": self.narrow,
+            "levels": self.levels,
+            "granularity": self.granularity,
+            "group_size": self.group_size if self.granularity == "per-group" else None,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

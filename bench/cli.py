@@ -106,6 +106,7 @@ def cmd_run(args) -> int:
         granularity=granularity,
         group_size=args.group_size,
         symmetric=not args.asymmetric,
+        narrow=args.narrow_grid,
         embeddings=args.quantize_embeddings,
         settings=parse_settings(args.set),
         limit=args.limit,
@@ -315,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--group-size", type=int, default=128, help="group size for per-group; default 128")
     run.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (default symmetric)")
+    run.add_argument(
+        "--narrow-grid",
+        action="store_true",
+        help="symmetric grid of 2^b - 1 levels (ternary at 2 bits), as some BERT papers define b-bit; default: "
+        "every method's grid has all 2^b levels",
+    )
     run.add_argument(
         "--quantize-embeddings",
         action="store_true",

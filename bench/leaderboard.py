@@ -218,6 +218,9 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
         "WxAy = weight bits x activation bits (A32: activations left in float32)"
     )
     notes.append("data = what the method trained/calibrated on: none (data-free), calibration, labeled")
+    grids = {r["bits"]: _grid_text(r["grid"]) for r in rows if r.get("grid")}
+    if grids:
+        notes.append("weight grids: " + "; ".join(f"{bits} {grids[bits]}" for bits in sorted(grids, key=_bits_order)))
     sharp = [r["sharpness"] for r in rows if r.get("sharpness")]
     if sharp:
         settings = sorted({f"rho {s['rho']}, {s['steps']} ascent steps" for s in sharp})
@@ -252,6 +255,13 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
             + "; ".join(f"{r['method']} {r['bits']} {r['task']} ({r.get('error')})" for r in failed[:5])
         )
     return notes
+
+
+def _grid_text(grid: dict) -> str:
+    """'symmetric, 16 levels, per-channel' from a row's ``grid`` record."""
+    kind = "asymmetric" if not grid["symmetric"] else "symmetric narrow" if grid.get("narrow") else "symmetric"
+    group = f" {grid['group_size']}" if grid.get("group_size") else ""
+    return f"{kind}, {grid['levels']} levels, {grid['granularity']}{group}"
 
 
 def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:

@@ -95,6 +95,7 @@ class Cell:
                 f"{self.bits_label}|{self.spec.granularity}"
                 + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
                 + ("|sym" if self.spec.symmetric else "|asym")
+                + f"|{self.spec.levels}lv"
                 + ("|emb" if self.spec.embeddings else "")
             )
         )
@@ -117,6 +118,7 @@ class GridRequest:
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
+    narrow: bool = False  # the 2^b - 1 level symmetric grid, only when asked for
     embeddings: bool = False
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
     limit: int | None = None
@@ -142,7 +144,15 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     resolved = models.resolve(request.model)
     act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
     specs = [
-        QuantSpec(b, act_bits, request.granularity, request.group_size, request.symmetric, request.embeddings)
+        QuantSpec(
+            b,
+            act_bits,
+            request.granularity,
+            request.group_size,
+            request.symmetric,
+            request.embeddings,
+            narrow=request.narrow,
+        )
         for b in request.bits
     ]
     cells = []
@@ -446,6 +456,7 @@ class Runner:
             "granularity": spec.granularity if spec else None,
             "group_size": spec.group_size if spec and spec.granularity == "per-group" else None,
             "symmetric": spec.symmetric if spec else None,
+            "grid": spec.grid() if spec else None,
             "embeddings_quantized": spec.embeddings if spec else None,
             "task": cell.task,
             "task_kind": task_cls.kind,

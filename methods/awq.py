@@ -135,11 +135,6 @@ def _row_output_error(x: torch.Tensor, delta: torch.Tensor, granularity: str, gr
     return torch.einsum("tgk,ogk->tog", xg, dg).pow(2).sum(0).reshape(-1, 1)
 
 
-def _minmax_range(grouped: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if symmetric:
-        hi = grouped.abs().amax(1, keepdim=True)
-        return -hi, hi
-    return grouped.amin(1, keepdim=True).clamp_max(0), grouped.amax(1, keepdim=True).clamp_min(0)
 
 
 @torch.no_grad()
@@ -149,13 +144,15 @@ def search_clip(layer: QuantLinear, x: torch.Tensor, grid: int) -> QParams:
     w = layer.effective_weight().detach().float()
     xs = _evenly(x if layer.input_scale is None else x / layer.input_scale, CLIP_TOKENS).float()
     grouped = group_view(w, wq.granularity, wq.group_size)
-    lo, hi = _minmax_range(grouped, wq.symmetric)
+    lo, hi = grouped.amin(1, keepdim=True).clamp_max(0), grouped.amax(1, keepdim=True).clamp_min(0)
 
     def output_error(qp: QParams) -> torch.Tensor:
         delta = ungroup(dequantize_int(quantize_int(grouped, qp), qp), w) - w
         return _row_output_error(xs, delta, wq.granularity, wq.group_size)
 
-    best = shrink_search(lo, hi, wq.bits, wq.symmetric, output_error, grid=grid, max_shrink=CLIP_MAX_SHRINK)
+    best = shrink_search(
+        lo, hi, wq.bits, wq.symmetric, output_error, grid=grid, max_shrink=CLIP_MAX_SHRINK, narrow=wq.narrow
+    )
     dtype = layer.weight.dtype
     best = QParams(best.scale.to(dtype), best.zero_point.to(dtype), best.qmin, best.qmax)
     wq.freeze(layer.effective_weight(), best)

@@ -17,8 +17,13 @@ def _batches(seed=0, n=3):
 def _formula(x, lo, hi, bits, symmetric):
     """Scale/zero point by hand, then torch.fake_quantize_per_tensor_affine rounds and clamps."""
     if symmetric:
+        # zero point 0, the signed extreme on the code -2^(b-1) (a negative scale when it is the maximum:
+        # computed as a positive scale on the negated input, so torch never sees a negative scale)
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        scale, zero = max(abs(lo), abs(hi)) / qmax, 0
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        sign = 1.0 if -lo >= hi else -1.0
+        scale = max(-lo, hi) / 2 ** (bits - 1)
+        return sign * torch.fake_quantize_per_tensor_affine(x * sign, scale, 0, qmin, qmax), sign * scale
     else:
         qmin, qmax = 0, 2**bits - 1
         lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -44,10 +49,10 @@ def test_calibrated_range_and_rounding_match_torch(bits, symmetric):
 
 def test_frozen_range_does_not_follow_new_inputs():
     q = StaticActQuantizer(8)
-    q.observe(torch.tensor([-1.0, 0.5, 1.0]))
+    q.observe(torch.tensor([-1.0, 0.5, 0.75]))
     q.freeze()
     out = q(torch.tensor([10.0, -10.0, 0.25]))
-    step = 1.0 / 127
+    step = 1.0 / 128  # 256 levels, -1 (the extreme) on the code -128
     torch.testing.assert_close(out, torch.tensor([127 * step, -128 * step, round(0.25 / step) * step]))
 
 
@@ -90,7 +95,8 @@ def test_calibrate_installs_ranges_of_scaled_inputs_over_real_tokens_only():
     for layer, inputs in ((net.up, up_in), (net.down, down_in)):
         assert isinstance(layer.act_quantizer, StaticActQuantizer) and layer.act_quantizer.frozen
         assert layer.act_quantizer.bits == 8  # taken from the layer's dynamic quantizer (the cell's a_bits)
-        assert layer.act_quantizer.hi.item() == pytest.approx(inputs.abs().max().item(), rel=1e-6)
+        assert layer.act_quantizer.hi.item() == pytest.approx(inputs.max().clamp(min=0).item(), rel=1e-6)
+        assert layer.act_quantizer.lo.item() == pytest.approx(inputs.min().clamp(max=0).item(), rel=1e-6)
     assert set(installed) == {"up", "down"}
 
 

@@ -57,11 +57,12 @@ GRIDS = [("per-tensor", 16), ("per-channel", 16), ("per-group", 16)]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False, "narrow"])
 @pytest.mark.parametrize("granularity,group", GRIDS)
 def test_unpack_equals_fake_quant_weight_exactly(bits, symmetric, granularity, group):
     # 40 columns with group 16: two full groups and a ragged last group of 8
-    layer = _layer(8, 40, QuantSpec(bits, granularity=granularity, group_size=group, symmetric=symmetric))
+    grid = dict(symmetric=bool(symmetric), narrow=symmetric == "narrow")
+    layer = _layer(8, 40, QuantSpec(bits, granularity=granularity, group_size=group, **grid))
     packed = pack_linear(layer)
     assert torch.equal(packed.unpack(), layer.quantized_weight())
     codes = packed.int_codes()

@@ -45,10 +45,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False, "narrow"])
 @pytest.mark.parametrize("bits,granularity,cols,group,kernel,kgroup", CASES)
 def test_real_kernel_matches_fake_quant_layer(bits, granularity, cols, group, kernel, kgroup, symmetric):
-    spec = QuantSpec(bits, granularity=granularity, group_size=group, symmetric=symmetric)
+    grid = dict(symmetric=bool(symmetric), narrow=symmetric == "narrow")
+    spec = QuantSpec(bits, granularity=granularity, group_size=group, **grid)
     layer = _layer(32, cols, spec)
     x = torch.randn(2, 3, cols, generator=torch.Generator().manual_seed(1))
     fast = kernel_for(layer)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bench.api import QuantSpec
+from bench.errors import BenchError
 from bench.quant import QuantLinear, compute_qparams, fake_quantize, int_range, quantize_model, summarize
 from bench.quant.uniform import group_view
 
@@ -19,12 +20,24 @@ def _weight(rows=16, cols=64, seed=0):
     return w
 
 
-def _torch_reference(w, bits, symmetric):
-    """Scales/zero points by the formula, then torch.fake_quantize_per_channel_affine does the rounding."""
-    qmin, qmax = int_range(bits, symmetric)
+def _symmetric_scale(lo, hi, bits, narrow=False):
+    """Zero-point-0 grids. Full (2^b levels): the signed extreme (lo if |lo| >= hi, else hi) sits on the code
+    -2^(b-1), scale = -extreme / 2^(b-1) (llama.cpp's Q4_0 rule); narrow (2^b - 1 levels): max|w| on +-qmax."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+    if narrow:
+        return torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)
+    return -torch.where(-lo >= hi, lo, hi) / 2 ** (bits - 1)
+
+
+def _torch_reference(w, bits, symmetric, narrow=False):
+    """Scales/zero points by the formula, then torch.fake_quantize_per_channel_affine does the rounding (a
+    negative scale as a positive one on the sign-flipped row, so torch never sees a negative scale)."""
+    qmin, qmax = (-(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     if symmetric:
-        scale = w.abs().amax(1) / qmax
-        zero = torch.zeros_like(scale)
+        scale = _symmetric_scale(w.amin(1).clamp(max=0), w.amax(1).clamp(min=0), bits, narrow).float()
+        sign = scale.sign().unsqueeze(1)
+        zero = torch.zeros(len(scale), dtype=torch.int32)
+        return sign * torch.fake_quantize_per_channel_affine(w * sign, scale.abs(), zero, 0, qmin, qmax)
     else:
         lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
@@ -41,17 +54,44 @@ def test_per_channel_matches_torch(bits, symmetric):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_narrow_grid_matches_torch(bits):
+    w = _weight()
+    ours = fake_quantize(w, bits, symmetric=True, narrow=True, granularity="per-channel")
+    torch.testing.assert_close(ours, _torch_reference(w, bits, True, narrow=True), rtol=0, atol=1e-6)
+    assert max(len(torch.unique(row)) for row in ours) <= 2**bits - 1
+    torch.testing.assert_close(ours.abs().amax(1), w.abs().amax(1))  # absmax sits on the top code exactly
+
+
+def test_narrow_grid_is_symmetric_only():
+    with pytest.raises(ValueError, match="symmetric only"):
+        int_range(4, False, narrow=True)
+    with pytest.raises(BenchError, match="narrow"):
+        QuantSpec(4, symmetric=False, narrow=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_level_is_used_on_a_gaussian_row(bits, symmetric):
+    """At b bits a min-max grid has 2^b usable levels (the old absmax/(2^(b-1)-1) grid left the code
+    -2^(b-1) unused: ternary at 2 bits)."""
+    w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    levels = torch.tensor([len(torch.unique(row)) for row in fake_quantize(w, bits, symmetric=symmetric)])
+    assert levels.median() == 2**bits  # a row with a lone far outlier may leave an end code empty
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_per_tensor_matches_torch(bits, symmetric):
     w = _weight()
     qmin, qmax = int_range(bits, symmetric)
+    lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
     if symmetric:
-        scale, zero = w.abs().max().item() / qmax, 0
+        scale = _symmetric_scale(lo, hi, bits).item()
+        sign = -1.0 if scale < 0 else 1.0
+        ref = sign * torch.fake_quantize_per_tensor_affine(w * sign, abs(scale), 0, qmin, qmax)
     else:
-        lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
         scale = (hi - lo) / (qmax - qmin)
         zero = int(qmin - round(lo / scale))
-    ref = torch.fake_quantize_per_tensor_affine(w, scale, zero, qmin, qmax)
+        ref = torch.fake_quantize_per_tensor_affine(w, scale, zero, qmin, qmax)
     ours = fake_quantize(w, bits, symmetric=symmetric, granularity="per-tensor")
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
@@ -75,8 +115,10 @@ def test_grid_size_and_exact_points(bits):
         codes = out / qp.scale + qp.zero_point
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the integer grid
         assert max(len(torch.unique(row)) for row in out) <= 2**bits
-    sym = fake_quantize(w, bits, symmetric=True)
-    torch.testing.assert_close(sym.abs().amax(1), w.abs().amax(1))  # absmax is represented exactly
+        assert bool(((out - w).abs() <= qp.scale.abs() + 1e-6).all())  # clipped by at most one step
+    # symmetric: the row's signed extreme sits exactly on the code -2^(b-1)
+    at = w.abs().argmax(1, keepdim=True)
+    torch.testing.assert_close(fake_quantize(w, bits, symmetric=True).gather(1, at), w.gather(1, at))
 
 
 def test_quantization_error_shrinks_with_bits():
@@ -156,12 +198,11 @@ def test_percentile_clip_matches_numpy_percentile(symmetric):
     qp = compute_qparams(w, 4, symmetric, "percentile")
     qmin, qmax = int_range(4, symmetric)
     x = w.double().numpy()
+    lo = np.minimum(np.percentile(x, 0.01, axis=1), 0)
+    hi = np.maximum(np.percentile(x, 99.99, axis=1), 0)
     if symmetric:
-        hi = np.percentile(np.abs(x), 99.99, axis=1)
-        scale = hi / qmax
+        scale = _symmetric_scale(lo, hi, 4).numpy()
     else:
-        lo = np.minimum(np.percentile(x, 0.01, axis=1), 0)
-        hi = np.maximum(np.percentile(x, 99.99, axis=1), 0)
         scale = (hi - lo) / (qmax - qmin)
         zero = qmin - lo / scale  # before rounding: float32 vs float64 may round a .5 tie differently
         torch.testing.assert_close(qp.zero_point.squeeze(1).double(), torch.tensor(zero).round(), rtol=0, atol=1.0)
@@ -181,8 +222,7 @@ def _brute_force_mse(row, bits, symmetric, grid=100, max_shrink=0.8, norm=2.4):
     for i in range(int(max_shrink * grid)):
         p = 1 - i / grid
         if symmetric:
-            hi = row.abs().max() * p
-            scale, zero = hi / qmax, 0.0
+            scale, zero = _symmetric_scale(min(row.min(), 0) * p, max(row.max(), 0) * p, bits).float(), 0.0
         else:
             lo, hi = min(row.min(), 0) * p, max(row.max(), 0) * p
             scale = (hi - lo) / (qmax - qmin)

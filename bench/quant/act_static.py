@@ -21,7 +21,7 @@ from bench.quant.uniform import QParams, fake_quantize, int_range, range_qparams
 class StaticActQuantizer(nn.Module):
     """Per-tensor fake-quantizer with a range observed on calibration inputs, then frozen.
 
-    Calibrate with ``observe(x)`` on each calibration tensor (running min/max; symmetric keeps max |x|),
+    Calibrate with ``observe(x)`` on each calibration tensor (running min/max; a symmetric grid puts the signed extreme on its bottom code),
     then ``freeze()``. The grid covers the observed range widened to contain 0 (so 0 stays exact); later
     inputs outside it are clipped, as in a deployed static kernel. Calling it before ``freeze`` is an
     error rather than a silent pass-through, so a missed calibration cannot look like a quantized result.
@@ -45,11 +45,7 @@ class StaticActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Widen the observed range to cover ``x`` (any shape)."""
         x = x.detach().float()
-        if self.symmetric:
-            hi = x.abs().amax()
-            lo = -hi
-        else:
-            lo, hi = x.amin().clamp_max(0), x.amax().clamp_min(0)
+        lo, hi = x.amin().clamp_max(0), x.amax().clamp_min(0)  # symmetric grids orient by the signed extreme
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 

@@ -109,7 +109,7 @@ class Int8PackLinear(_KernelLinear):
 
     def __init__(self, layer: QuantLinear, qw: QuantizedWeight):
         super().__init__(layer)
-        offset = qw.qmin + 128  # 0 for the symmetric int8 grid, 128 for the asymmetric one
+        offset = 0 if qw.symmetric else 128  # symmetric codes are signed already; asymmetric ones are in [0, 255]
         self.register_buffer("weight", (qw.int_codes() - offset).to(torch.int8).contiguous())
         rows = qw.scale.reshape(-1).expand(self.out_features)  # per-tensor: one scale for every row
         self.register_buffer("scales", rows.to(KERNEL_DTYPE).contiguous())

@@ -37,6 +37,7 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
         self.bits = spec.w_bits
         self.symmetric = spec.symmetric
+        self.narrow = spec.narrow
         self.granularity = spec.granularity
         self.group_size = spec.group_size
         self.clip = clip
@@ -50,11 +51,12 @@ class WeightQuantizer(nn.Module):
     def qparams(self, w: torch.Tensor) -> QParams:
         """The grid for ``w`` (per row of its grouped view): the frozen one, or computed from ``w``."""
         if self.frozen:
-            return QParams(self.scale, self.zero_point, *int_range(self.bits, self.symmetric))
+            return QParams(self.scale, self.zero_point, *int_range(self.bits, self.symmetric, self.narrow))
         return self._grid_of(w)
 
     def _grid_of(self, w: torch.Tensor) -> QParams:
-        return compute_qparams(group_view(w, self.granularity, self.group_size), self.bits, self.symmetric, self.clip)
+        grouped = group_view(w, self.granularity, self.group_size)
+        return compute_qparams(grouped, self.bits, self.symmetric, self.clip, narrow=self.narrow)
 
     def freeze(self, w: torch.Tensor, qparams: QParams | None = None) -> None:
         qp = qparams if qparams is not None else self._grid_of(w)  # w's own grid, even over an older frozen one
@@ -69,11 +71,12 @@ class WeightQuantizer(nn.Module):
             granularity=self.granularity,
             group_size=self.group_size,
             clip=self.clip,
+            narrow=self.narrow,
             qparams=self.qparams(w) if self.frozen else None,
         )
 
     def extra_repr(self) -> str:
-        sym = "sym" if self.symmetric else "asym"
+        sym = ("sym narrow" if self.narrow else "sym") if self.symmetric else "asym"
         frozen = ", frozen" if self.frozen else ""
         return f"bits={self.bits}, {sym}, {self.granularity}, group_size={self.group_size}, clip={self.clip}{frozen}"
 

@@ -43,9 +43,10 @@ class LSQQuantizer(nn.Module):
             raise BenchError("LSQ learns a symmetric grid; drop --asymmetric for LSQ-based methods")
         self.bits = spec.w_bits
         self.symmetric = True
+        self.narrow = spec.narrow
         self.granularity = spec.granularity
         self.group_size = spec.group_size
-        self.qmin, self.qmax = int_range(self.bits, True)
+        self.qmin, self.qmax = int_range(self.bits, True, self.narrow)
         grouped = group_view(weight.detach(), self.granularity, self.group_size)
         self.step = nn.Parameter(2 * grouped.abs().mean(dim=1, keepdim=True) / math.sqrt(self.qmax))
 
