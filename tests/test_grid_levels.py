@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from tiny import OneLinear
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
@@ -18,7 +19,6 @@ from methods.awq import AWQ
 from methods.gptq import GPTQ
 from methods.rtn import RTN
 from methods.smoothquant import SmoothQuant
-from tiny import OneLinear
 
 IN, OUT = 1024, 32
 

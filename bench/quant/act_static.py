@@ -21,10 +21,11 @@ from bench.quant.uniform import QParams, fake_quantize, int_range, range_qparams
 class StaticActQuantizer(nn.Module):
     """Per-tensor fake-quantizer with a range observed on calibration inputs, then frozen.
 
-    Calibrate with ``observe(x)`` on each calibration tensor (running min/max; a symmetric grid puts the signed extreme on its bottom code),
-    then ``freeze()``. The grid covers the observed range widened to contain 0 (so 0 stays exact); later
-    inputs outside it are clipped, as in a deployed static kernel. Calling it before ``freeze`` is an
-    error rather than a silent pass-through, so a missed calibration cannot look like a quantized result.
+    Calibrate with ``observe(x)`` on each calibration tensor (running min/max; a symmetric grid puts the signed
+    extreme on its bottom code), then ``freeze()``. The grid covers the observed range widened to contain 0 (so
+    0 stays exact); later inputs outside it are clipped, as in a deployed static kernel. Calling it before
+    ``freeze`` is an error rather than a silent pass-through, so a missed calibration cannot look like a
+    quantized result.
     """
 
     def __init__(self, bits: int, symmetric: bool = True):
