@@ -18,6 +18,7 @@ from torch import nn
 from bench.api import QuantSpec
 from bench.metrics.sharpness import hessian_top_eig, hessian_trace, mean_loss, perturbable_weights, sharpness
 from bench.quant.layers import QuantLinear, freeze, quantize_model
+from bench.quant.uniform import QParams, int_range
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import padded_batches, tiny_bert  # noqa: E402
@@ -157,6 +158,8 @@ def test_perturbation_reaches_the_forward_although_requantizing_would_erase_it()
     codes = torch.tensor([[7.0, -3.0, 2.0, 0.0], [-7.0, 5.0, -1.0, 4.0]])
     model = _quantized_holder(codes * 0.1)
     layer, rho, a = model.layer, 0.02, _psd()
+    step = torch.full((1, 1), 0.1)  # pinned: the test is about the perturbation, not how min-max picks a step
+    layer.weight_quantizer.freeze(layer.weight, QParams(step, torch.zeros_like(step), *int_range(4, True)))
     wq = layer.quantized_weight().detach()
     torch.testing.assert_close(wq, codes * 0.1)
     g = torch.Generator().manual_seed(0)

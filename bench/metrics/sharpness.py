@@ -5,15 +5,25 @@ Flat minima are said to tolerate weight noise (and so quantization noise) better
 leaderboard check that claim per cell. All three look at the same point and the same weights:
 
 - **Which weights.** The weight matrix of every ``nn.Linear`` (full-precision heads included) and every
-  ``QuantLinear``. Biases, norms and embedding tables are left out: they stay in float in every method
-  compared here, and their scales differ wildly from the matrices'. A weight shared by several Linears is
-  counted once; a Linear tied to an embedding table (an LM head) perturbs the table through the tie.
-  Other projection types (GPT-2's ``Conv1D``) are not Linears and are not seen.
+  ``QuantLinear`` (for a smoothed one, the matrix it applies to its unscaled input: see below). Biases,
+  norms and embedding tables are left out: they stay in float in every method compared here, and their
+  scales differ wildly from the matrices'. A weight shared by several Linears is counted once; a Linear
+  tied to an embedding table (an LM head) perturbs the table through the tie. Other projection types
+  (GPT-2's ``Conv1D``) are not Linears and are not seen.
 - **Which point.** For a ``QuantLinear`` the point is the quantized weight Q(w) with the quantizer held
   fixed: the forward uses Q(w) + e, never Q(w + e). Re-quantizing a perturbation smaller than half a grid
   step gives back Q(w), so the loss would be piecewise constant and every metric zero or undefined.
   ``perturbable_weights`` makes each ``QuantLinear`` read a float tensor (its Q(w), materialized once)
   for the duration of the measurement and restores the model exactly. Activation quantizers run as usual.
+- **Which point, smoothed layers.** A ``QuantLinear`` with an ``input_scale`` s (SmoothQuant, AWQ)
+  computes Q(x / s) @ Q(W s)^T, and Q(W s) is only one parametrization of that function: any s, with the
+  stored weight rescaled by 1/s, gives the same function. A ball around Q(W s) is an ellipsoid, stretched
+  by s per input column, in the weights the function applies to its input, so the values would follow s
+  rather than the function (the toy MLP of tests/test_sharpness_reparam.py, one function: sharpness 0.075
+  unsmoothed, 0.111 with power-of-two s; Hessian trace 2.5 vs 14.9). So the point is the unsmoothed
+  W_eff = Q(W s) / s (per input column), and the forward reads Q(W s) + e * s on x / s, i.e. W_eff + e on
+  x: every method is measured in the space of the weights its function is defined by. The activation
+  quantizer still sees x / s, exactly as scored; only the weight slot changes.
 - **Which loss.** ``loss_fn(model)`` returns the scalar evaluation loss on a fixed set of batches (the
   runner builds it; ``mean_loss`` is a ready one), or a lazy iterable of per-batch terms summing to it, so
   that only one batch's autograd graph is alive at a time (a tensor loss keeps all batches' graphs: on
@@ -67,12 +77,24 @@ def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: tensor
 
 
+def _through_input_scale(
+    leaf: torch.Tensor, base: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """The weight a smoothed layer's forward reads when the slot is its unsmoothed W_eff = Q(W s) / s.
+
+    Q(W s) + (W_eff + e - W_eff) * s rather than (W_eff + e) * s: at e = 0 the forward gets Q(W s) bit for
+    bit (dividing and multiplying back by s would round), so the base loss is the scored one.
+    """
+    return lambda: quantized + (leaf - base) * scale
+
+
 @contextmanager
 def perturbable_weights(model: nn.Module) -> Iterator[list[WeightSlot]]:
     """Yield the measured weights of ``model`` as slots whose tensors can be perturbed and differentiated.
 
     A ``QuantLinear``'s ``quantized_weight`` is shadowed by an instance attribute returning a leaf tensor
-    holding its frozen Q(w) (computed once, so grids are not re-derived and the forward is Q(w) + e). An
+    holding its frozen Q(w) (computed once, so grids are not re-derived and the forward is Q(w) + e); with
+    an ``input_scale`` s the leaf holds the unsmoothed Q(W s) / s and the forward reads Q(W s) + e * s. An
     ``nn.Linear``'s own weight parameter is the slot; its value is copied back bit for bit on exit. Every
     other parameter has autograd off meanwhile (no graph is built for it). On exit, weights, the
     ``requires_grad`` flags and every module's train/eval mode are as they were, exception or not.
@@ -90,10 +112,15 @@ def perturbable_weights(model: nn.Module) -> Iterator[list[WeightSlot]]:
             if isinstance(module, QuantLinear):
                 with torch.no_grad():
                     frozen = module.quantized_weight().detach().clone()
-                leaf = frozen.clone().requires_grad_(True)
+                scale = module.input_scale
+                base = frozen if scale is None else frozen / scale.detach()
+                leaf = base.clone().requires_grad_(True)
                 shadowed.append((module, module.__dict__.get("quantized_weight", _ABSENT)))
-                module.quantized_weight = _constant(leaf)
-                slots.append(WeightSlot(name, leaf, frozen))
+                if scale is None:
+                    module.quantized_weight = _constant(leaf)
+                else:
+                    module.quantized_weight = _through_input_scale(leaf, base, frozen, scale.detach().clone())
+                slots.append(WeightSlot(name, leaf, base))
             elif isinstance(module, nn.Linear) and id(module.weight) not in seen:
                 seen.add(id(module.weight))
                 module.weight.requires_grad_(True)
