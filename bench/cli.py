@@ -111,6 +111,7 @@ def cmd_run(args) -> int:
         settings=parse_settings(args.set),
         limit=args.limit,
         reference=not args.no_reference,
+        baseline=not args.no_baseline,
         data_dir=args.data_dir,
     )
     cells, resolved = plan(request, plugins)
@@ -346,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
     run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
     run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
+    run.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="do not add the baseline cells (RTN with default settings at every grid of the run, so that each "
+        "quantized cell shows its difference to plain rounding)",
+    )
     run.add_argument(
         "--no-sharpness", action="store_true", help="skip the per-cell sharpness (loss increase in a rho-ball)"
     )

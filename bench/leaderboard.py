@@ -20,10 +20,12 @@ PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
 COMPRESSION = "compression"  # FP32 bytes / stored bytes of the same model
+METHOD_TIME = "method s"  # seconds inside Method.quantize (bench.metrics.cost), apart from eval/sharpness/latency
+DELTA = "Δ"  # "Δfp32" / "Δrtn": a cell's score minus the reference's / the baseline's, same task and seed
 DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p50); p50 ms is then the prefill
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
-LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS)
+LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS, METHOD_TIME)
 LOWER_IS_BETTER_KINDS = ("language-modeling",)
 
 
@@ -42,10 +44,14 @@ class Leaderboard:
         return [f"{bits} {column}" for bits, column in self.table.columns]
 
     def lower_is_better(self, column: str) -> bool:
-        """Direction of a column: perplexity-like scores, size, latency and sharpness are better when smaller."""
+        """Direction of a column: perplexity-like scores (and their differences), size, latency, sharpness and
+        method time are better when smaller."""
         if column in LOWER_IS_BETTER:
             return True
-        return any(r["task"] == column and r.get("task_kind") in LOWER_IS_BETTER_KINDS for r in self.rows)
+        task = column.split(f" {DELTA}")[0] if f" {DELTA}" in column else column
+        if column.startswith(DELTA):  # one task: "Δfp32" belongs to the only task
+            task = next(iter({r["task"] for r in self.rows}), "")
+        return any(r["task"] == task and r.get("task_kind") in LOWER_IS_BETTER_KINDS for r in self.rows)
 
     def best(self) -> dict[tuple[str, str], tuple[str, str]]:
         """Per (bits, column), the index (method, data) of the best non-FP32 row: the one every reporter marks.
@@ -77,8 +83,12 @@ def _bits_order(label: str) -> tuple:
     return (1, -int(m.group(1)), -int(m.group(2))) if m else (2, 0, 0)
 
 
-def _column_order(column: str) -> int:
-    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, COMPRESSION: 4, LATENCY: 5, DECODE: 6, SPEEDUP: 7}.get(column, 0)
+def _column_order(column: str) -> float:
+    if DELTA in column:
+        return 0.5  # right after the scores they compare
+    return {AVERAGE: 1, SHARPNESS: 2, SIZE: 3, COMPRESSION: 4, LATENCY: 5, DECODE: 6, SPEEDUP: 7, METHOD_TIME: 8}.get(
+        column, 0
+    )
 
 
 def _add_speedup(means, stds, counts, kernels):
@@ -126,6 +136,10 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
     frame = pd.DataFrame(
         {
             "method": method_label(r) + (f" @{r['model']}" if several_models else ""),
+            "name": r["method"],
+            # reference (FP32) and baseline (plain RTN at default settings) rows, by the role their class declared
+            # (rows from before roles were recorded: the FP32 row by its name)
+            "role": _role(r),
             "data": r.get("data_used") or "-",
             "kind": r.get("task_kind"),
             "bits": r["bits"],
@@ -139,6 +153,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             LATENCY: (r.get("latency") or {}).get("p50"),
             SHARPNESS: (r.get("sharpness") or {}).get("value"),
             DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
+            METHOD_TIME: (r.get("cost") or {}).get("method_s"),
             "kernel": (r.get("latency") or {}).get("kernel"),
             "finished": r.get("finished") or "",
         }
@@ -157,7 +172,8 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         avg = groups.agg(value="mean", n="count")
         avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
         parts.append(avg.assign(column=AVERAGE))
-    for measure in (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE):
+    parts.extend(_differences(frame))
+    for measure in (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE, METHOD_TIME):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
     long = pd.concat(parts, ignore_index=True)
@@ -170,21 +186,33 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         .kernel.agg(lambda k: "/".join(sorted(set(k))))
     )
     means, stds, counts = _add_speedup(means, stds, counts, kernels)
+    simulated = {i for i, kernel in kernels.items() if kernel == "simulated"}
+    for bits, column in [c for c in means.columns if c[1] in (LATENCY, DECODE)]:
+        # fake-quant on float matmuls times FP32 arithmetic, not the method: no figure, no plot point
+        masked = [i for i in means.index if (*i, bits) in simulated]
+        means.loc[masked, (bits, column)] = float("nan")
     columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), _column_order(c[1]), c[1]))
-    index = sorted(means.index, key=lambda i: (i[0] != "fp32", i[0], i[1]))
+    roles = frame.drop_duplicates(["method", "data"]).set_index(["method", "data"]).role
+    index = sorted(means.index, key=lambda i: (roles.get(i) != "reference", roles.get(i) != "baseline", i))
     means, stds, counts = (t.reindex(index=index, columns=columns) for t in (means, stds, counts))
+    most_seeds = int(counts.max().max()) if counts.size else 1
 
     def show(i, j):
         mean, std, n = means.iat[i, j], stds.iat[i, j], counts.iat[i, j]
+        bits, column = columns[j]
+        if column in (LATENCY, DECODE) and (*index[i], bits) in simulated:
+            return "–"
         if pd.isna(mean):
             return ""
-        bits, column = columns[j]
-        digits = 4 if column == SHARPNESS else 2  # loss increases are small numbers
-        text = f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        digits = 4 if column == SHARPNESS else 1 if column == METHOD_TIME else 2  # loss increases are small
+        sign = "+" if DELTA in column else ""
+        text = f"{mean:{sign}.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
         if column == LATENCY:
             text += f" ({kernels.get((*index[i], bits), '?')})"
         elif column in (SPEEDUP, COMPRESSION):
             text = f"x{mean:.2f}"
+        elif most_seeds > 1 and n < most_seeds:
+            text += f" (n={int(n)})"  # fewer seeds than the rest of the table (a failed or missing cell)
         return text
 
     table = pd.DataFrame(
@@ -200,6 +228,69 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         )
     board.provenance = _provenance(rows, run_dirs)
     return board
+
+
+def _cost_note(rows: list[dict]) -> str | None:
+    """What each training method spent per cell (student passes, optimizer steps), and which are matched."""
+    spent: dict[str, set] = {}
+    for r in rows:
+        cost = r.get("cost") or {}
+        if cost.get("backward_passes"):
+            spent.setdefault(method_label(r), set()).add(
+                (cost["forward_passes"], cost["backward_passes"], cost.get("optimizer_steps", 0))
+            )
+    if not rows or not any(r.get("cost") for r in rows):
+        return None
+    text = (
+        f"{METHOD_TIME} = seconds inside the method (calibration, training, quantization), apart from evaluation, "
+        "sharpness and latency"
+    )
+    if not spent:
+        return text
+    per = {m: sorted(v)[0] if len(v) == 1 else None for m, v in sorted(spent.items())}
+    text += "; student forward/backward passes and optimizer steps per cell: " + ", ".join(
+        f"{m} {p[0]}/{p[1]}, {p[2]} steps" if p else f"{m} varies" for m, p in per.items()
+    )
+    by_passes: dict[tuple, list[str]] = {}
+    for m, p in per.items():
+        if p:
+            by_passes.setdefault(p[:2], []).append(m)
+    matched = [ms for ms in by_passes.values() if len(ms) > 1]
+    if matched:
+        text += "; compute-matched (equal passes): " + "; ".join(", ".join(ms) for ms in matched)
+    if len(per) > 1 and len(matched) != 1 or (matched and len(matched[0]) < len(per)):
+        text += "; the others are not compute-matched: compare their accuracy with their passes in view"
+    return text
+
+
+def _role(row: dict) -> str | None:
+    if row.get("role"):
+        return row["role"]
+    return "reference" if is_reference(row["method"]) else None
+
+
+def _differences(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """Per seed, each cell's score minus the reference's (same task) and the baseline's (same grid and task):
+    paired differences, so seed-to-seed noise of the FP model cancels before mean ± std is taken.
+
+    Columns are named after the method that holds the role ("Δfp32", "Δrtn"), prefixed with the task when the
+    table has several. Only the baseline at its default settings is the baseline: a tuned RTN is a contender.
+    """
+    one_task = frame.task.nunique() == 1
+    out = []
+    baseline = (frame.role == "baseline") & ~frame.method.str.contains(r"\[", regex=True)
+    for refs, on in ((frame[frame.role == "reference"], ["task", "seed"]), (frame[baseline], ["bits", "task", "seed"])):
+        if refs.empty:
+            continue
+        name = refs.name.iloc[0]
+        others = frame[~frame.index.isin(refs.index) & (frame.role != "reference")]
+        paired = others.merge(refs[[*on, "score"]], on=on, suffixes=("", "_ref"))
+        if paired.empty:
+            continue
+        column = f"{DELTA}{name}" if one_task else paired.task + f" {DELTA}{name}"
+        paired = paired.assign(value=paired.score - paired.score_ref, column=column)
+        out.append(paired[["method", "data", "bits", "column", "seed", "value"]])
+    return out
 
 
 def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
@@ -240,12 +331,31 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
         notes.append(
             f"{LATENCY} = forward of {', '.join(shapes)}, {', '.join(threads)} thread(s), median of "
             f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up; kernel in parentheses "
-            "(simulated = fake-quant on float matmuls); speedup vs FP32 only where a real low-bit kernel ran"
+            "; speedup vs FP32 only where a real low-bit kernel ran. Cells that ran simulated (fake-quant on float "
+            "matmuls: FP32 arithmetic, not the method's) show – and are left out of the plots"
         )
         if any(t.get("decode") for t in timed):
             notes.append(f"decoders: {LATENCY} is the prefill; {DECODE} = one generated token on the prompt's KV cache")
+    deltas = sorted({(_role(r), r["method"]) for r in rows if _role(r) in ("reference", "baseline")})
+    if deltas:
+        notes.append(
+            ", ".join(f"{DELTA}{name}" for _, name in deltas)
+            + " = the cell's score minus the "
+            + " / ".join(
+                f"{name} cell's ({'same task and seed' if role == 'reference' else 'same grid, task and seed'})"
+                for role, name in deltas
+            )
+            + ", per seed, then mean ± std (perplexity: negative is better)"
+        )
+    cost_note = _cost_note(rows)
+    if cost_note:
+        notes.append(cost_note)
     seeds = sorted({r["seed"] for r in rows})
-    notes.append(f"seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
+    notes.append(
+        f"seeds: {', '.join(map(str, seeds))}"
+        + (f" (mean ± std over n = {len(seeds)}; '(n=k)' marks a cell with fewer)" if len(seeds) > 1 else "")
+        + ("" if len(seeds) > 2 else "; publish with --seeds 0,1,2 or more")
+    )
     limits = sorted({r.get("limit") for r in rows if r.get("limit")})
     if limits:
         notes.append(f"evaluation capped at --limit {', '.join(map(str, limits))} examples: a quick run, not a result")

@@ -17,6 +17,7 @@ import logging
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from bench import models, provenance
 from bench.api import MethodContext, QuantSpec, TrainingData, apply_overrides
 from bench.errors import PluginError, unknown
+from bench.metrics.cost import MethodMeter
 from bench.metrics.latency import model_latency, token_inputs
 from bench.metrics.sharpness import hessian_top_eig, hessian_trace, mean_loss, sharpness
 from bench.metrics.size import fp32_size_bytes, size_bytes
@@ -36,7 +38,6 @@ from bench.training import seed_everything
 
 log = logging.getLogger(__name__)
 
-REFERENCE_METHOD = "fp32"
 LATENCY_TOKENS, LATENCY_WARMUP, LATENCY_REPEATS = 128, 3, 20
 
 
@@ -122,8 +123,17 @@ class GridRequest:
     embeddings: bool = False
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
     limit: int | None = None
-    reference: bool = True
+    reference: bool = True  # add the reference method's cell (FP32) per task and seed
+    baseline: bool = True  # add the baseline method's cell (RTN, default settings) at every grid
     data_dir: str | None = None
+
+
+def role_method(plugins: Plugins, role: str) -> str | None:
+    """The one registered method whose class declares ``role`` ("reference" / "baseline"), or None."""
+    names = [e.name for e in plugins.methods.entries() if getattr(e.obj, "role", None) == role]
+    if len(names) > 1:
+        raise PluginError(f"several methods claim the {role} role: {', '.join(names)}; exactly one may")
+    return names[0] if names else None
 
 
 def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.ResolvedModel]:
@@ -143,6 +153,8 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     resolved = models.resolve(request.model)
     act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
+    reference = role_method(plugins, "reference")
+    baseline = role_method(plugins, "baseline") if request.baseline else None
     specs = [
         QuantSpec(
             b,
@@ -166,13 +178,17 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                 limit=request.limit,
                 data_dir=request.data_dir,
             )
-            if request.reference and REFERENCE_METHOD not in methods:
-                cells.append(Cell(REFERENCE_METHOD, {}, None, **common))
+            if request.reference and reference and reference not in methods:
+                cells.append(Cell(reference, {}, None, **common))
             for method in methods:
-                if method == REFERENCE_METHOD:
+                if method == reference:
                     cells.append(Cell(method, configs[method], None, **common, variant=variants[method]))
                     continue
                 cells.extend(Cell(method, configs[method], spec, **common, variant=variants[method]) for spec in specs)
+            if baseline and any(variants[m] or m != baseline for m in methods if m != reference):
+                default = dataclasses.asdict(plugins.methods.get(baseline).Config())
+                extra = [Cell(baseline, default, spec, **common) for spec in specs]
+                cells.extend(c for c in extra if c.key not in {k.key for k in cells})
     return cells, resolved
 
 
@@ -337,37 +353,26 @@ class Runner:
         try:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
-            uses_data = method.data_used != "none"
-            context = MethodContext(
-                task=task,
-                tokenizer=tokenizer,
-                seed=cell.seed,
-                device=self.device,
-                keep_fp=DEFAULT_KEEP_FP,
-                # Zero-shot methods get no task data at all: they cannot use it by accident.
-                task_data=data if uses_data else None,
-                calibration=functools.partial(
-                    task.calibration_batches, tokenizer, data, seed=cell.seed, device=self.device, recipe=recipe
-                )
-                if uses_data
-                else None,
-                training=self._training_data(task, tokenizer, data, recipe, cell.seed)
-                if method.data_used == "labeled"
-                else None,
-                pretrained=functools.partial(self._pretrained, task),
-            )
+            context = self.method_context(method, task, tokenizer, data, recipe, cell.seed)
             seed_everything(cell.seed)
-            model = method.quantize(copy.deepcopy(fp_model), cell.spec, context)
+            student = copy.deepcopy(fp_model)
+            meter = MethodMeter(student)
+            with meter:
+                model = method.quantize(student, cell.spec, context)
             if not isinstance(model, torch.nn.Module):
                 raise PluginError(
                     f"method '{cell.method}' ({method_entry.provider}) returned {type(model).__name__}, "
                     "not a torch.nn.Module"
                 )
+            timing, clock = {}, time.perf_counter()
             preds, refs = task.predict(model, tokenizer, data, limit=cell.limit, device=self.device, recipe=recipe)
             metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
+            timing["eval_s"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
             footprint = {"size_bytes": size_bytes(model), "fp32_size_bytes": fp32_size_bytes(model)}
             latency = self._latency(model) if self.latency else None
+            timing["latency_s"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
             curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed) if self.sharpness else {}
+            timing["sharpness_s"] = round(time.perf_counter() - clock, 3)
         except Exception as exc:
             log.error("cell %s failed: %s", cell.key, _describe_error(exc))
             _log_traceback(exc)
@@ -380,6 +385,8 @@ class Runner:
             eval_examples=len(refs),
             data_used=method.data_used,
             method_info=context.report or None,
+            cost=meter.cost.as_row(),
+            timing=timing,
             quantized=summarize(model),
             finetune=ft_info,
             latency=latency,
@@ -397,6 +404,29 @@ class Runner:
             row["wall_time_s"],
         )
         return row
+
+    def method_context(self, method, task, tokenizer, data, recipe, seed: int) -> MethodContext:
+        """What ``method`` may use, by the data it declared (see ``MethodContext``): zero-shot methods nothing,
+        calibration methods unlabeled batches of the training split, labeled methods also its labeled batches.
+        Both are built on ``TaskData.training_only``: the evaluation split is not in what a method can reach."""
+        view = data.training_only(f"task '{task.name}'") if method.data_used != "none" else None
+        labeled = method.data_used == "labeled"
+        calibration = None
+        if view is not None:
+            make = functools.partial(
+                task.calibration_batches, tokenizer, view, seed=seed, device=self.device, recipe=recipe
+            )
+            calibration = functools.partial(_unlabeled, make)
+        return MethodContext(
+            task=task,
+            tokenizer=tokenizer,
+            seed=seed,
+            device=self.device,
+            keep_fp=DEFAULT_KEEP_FP,
+            calibration=calibration,
+            training=self._training_data(task, tokenizer, view, recipe, seed) if labeled else None,
+            pretrained=functools.partial(self._pretrained, task),
+        )
 
     def _training_data(self, task, tokenizer, data, recipe, seed: int) -> TrainingData:
         """The task's labeled training batches for a data_used="labeled" method (seeded like the fine-tune)."""
@@ -467,6 +497,9 @@ class Runner:
             "seed": cell.seed,
             "limit": cell.limit,
             "data_used": method_entry.obj.data_used if method_entry else None,
+            "role": getattr(method_entry.obj, "role", None) if method_entry else None,  # reference / baseline
+            "cost": None,  # what Method.quantize spent (bench.metrics.cost): seconds, passes, steps, examples
+            "timing": None,  # seconds of the measurements after it: eval_s, latency_s, sharpness_s
             "method_info": None,  # what the method reported (MethodContext.report), e.g. its trainable fraction
             "metrics": {},
             "score": None,
@@ -490,6 +523,14 @@ class Runner:
             "device": self.device,
             "command": self.command,
         }
+
+
+LABEL_KEYS = ("labels", "label")
+
+
+def _unlabeled(make: Callable[[int], list[dict]], n: int) -> list[dict]:
+    """Calibration batches with any label removed: calibration methods see inputs, never answers."""
+    return [{k: v for k, v in batch.items() if k not in LABEL_KEYS} for batch in make(n)]
 
 
 def group_cells(cells: list[Cell]) -> list[list[Cell]]:

@@ -135,8 +135,6 @@ def _row_output_error(x: torch.Tensor, delta: torch.Tensor, granularity: str, gr
     return torch.einsum("tgk,ogk->tog", xg, dg).pow(2).sum(0).reshape(-1, 1)
 
 
-
-
 @torch.no_grad()
 def search_clip(layer: QuantLinear, x: torch.Tensor, grid: int) -> QParams:
     """Freeze ``layer``'s weight grid at the per-row range shrink with the least output error on ``x``."""

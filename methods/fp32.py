@@ -7,6 +7,7 @@ from bench.api import Method
 class FP32(Method):
     description = "full-precision reference (no quantization)"
     data_used = "none"
+    role = "reference"
 
     def quantize(self, model, spec, context):
         return model

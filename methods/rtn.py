@@ -21,6 +21,7 @@ class RTNConfig:
 class RTN(Method):
     description = "round-to-nearest (post-training, data-free); clip: minmax | percentile | mse"
     data_used = "none"
+    role = "baseline"  # with default settings, added beside every quantized cell at the same grid
     Config = RTNConfig
 
     def quantize(self, model, spec, context):

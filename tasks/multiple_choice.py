@@ -255,7 +255,7 @@ class MultipleChoiceTask(Task):
     def calibration_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
         """``n`` seeded contexts of the training split (unlabeled: no choice, no answer), tokenized as scored."""
         recipe = recipe or MCRecipe()
-        split = data.splits.get("train") or data.splits[data.eval_split]
+        split = data.splits["train"]  # never the evaluation split: calibration must not see what is scored
         contexts = [
             encode_pair(tokenizer, split["context"][i], "", add_bos=recipe.add_bos)[0][-recipe.max_length :]
             for i in self._sampled(split, n, seed)

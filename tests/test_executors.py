@@ -26,7 +26,7 @@ TINY = [
 GRID = ["run", "--methods", "rtn,gptq", "--bits", "4,8", "--set", "gptq.n_samples=8", *TINY]
 # fields that legitimately differ between executors (when and where a row was made, whether the FP model
 # came from the cache, the command line, the torch thread count of the worker)
-VOLATILE = {"started", "finished", "wall_time_s", "finetune", "command", "host"}
+VOLATILE = {"started", "finished", "wall_time_s", "finetune", "command", "host", "timing"}
 
 
 def _rows(run_dir):
@@ -34,7 +34,11 @@ def _rows(run_dir):
 
 
 def _stable(rows):
-    return {r["key"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+    """Rows without their clock readings (the method's passes and steps must match exactly; its seconds cannot)."""
+    stable = {r["key"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+    for row in stable.values():
+        row["cost"] = {k: v for k, v in (row["cost"] or {}).items() if k != "method_s"}
+    return stable
 
 
 def test_ray_and_process_pool_rows_match_local(tmp_path):

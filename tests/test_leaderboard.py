@@ -33,9 +33,10 @@ def test_layout_and_aggregation(board):
     assert list(board.table.index) == [("fp32", "none"), ("rtn", "none"), ("rtn[clip=mse]", "none")]
     assert board.table.loc[("fp32", "none"), ("FP32", "sst2")] == "91.00 ± 1.41"  # x100, mean ± sample std
     assert board.table.loc[("rtn", "none"), ("W4A32", "sst2")] == "82.00 ± 2.83"
-    assert board.table.loc[("rtn[clip=mse]", "none"), ("W4A32", "sst2")] == "86.00"
-    assert board.table.loc[("rtn", "none"), ("W4A32 g128", "sst2")] == "85.00"
-    assert board.table.loc[("rtn", "none"), ("W4A32", "wikitext2")] == "21.50"  # perplexity is not scaled
+    # a cell with fewer seeds than the rest of the table says so
+    assert board.table.loc[("rtn[clip=mse]", "none"), ("W4A32", "sst2")] == "86.00 (n=1)"
+    assert board.table.loc[("rtn", "none"), ("W4A32 g128", "sst2")] == "85.00 (n=1)"
+    assert board.table.loc[("rtn", "none"), ("W4A32", "wikitext2")] == "21.50 (n=1)"  # perplexity is not scaled
     first = board.table.columns[0]
     assert first[0] == "FP32"
     order = [c[0] for c in board.table.columns]
@@ -113,3 +114,46 @@ def test_compression_column_and_an_outside_reporter(tmp_path, monkeypatch, capsy
     assert main(["leaderboard", str(tmp_path / "run"), "--format", "tsv"]) == 0
     assert "tsv written" in capsys.readouterr().out
     assert "compression" in (tmp_path / "run" / "leaderboard.tsv").read_text()
+
+
+def _fair_rows():
+    """FP32, the baseline and a contender over two seeds; the contender's latency ran simulated at W2."""
+    rows = []
+    for seed, (fp, base, zs) in enumerate([(0.90, 0.80, 0.83), (0.92, 0.78, 0.83)]):
+        rows += [
+            {**_row("fp32", "FP32", "sst2", seed, fp, p50=20.0), "role": "reference"},
+            {**_row("rtn", "W4A8", "sst2", seed, base, p50=12.0), "role": "baseline"},
+            {**_row("rtn", "W4A8", "sst2", seed, 0.5, variant="clip=mse"), "role": "baseline"},
+            {**_row("zsaq", "W4A8", "sst2", seed, zs, p50=30.0), "cost": _cost(180, 60, 120.0)},
+            {**_row("gan", "W4A8", "sst2", seed, zs, p50=31.0), "cost": _cost(120, 60, 90.0)},
+        ]
+        for row in rows[-4:]:
+            row["latency"] = {**(row["latency"] or {}), "kernel": "int8pack" if row["method"] == "rtn" else "simulated"}
+    return rows
+
+
+def _cost(passes, steps, seconds):
+    return {"method_s": seconds, "forward_passes": passes, "backward_passes": passes, "optimizer_steps": steps}
+
+
+def test_every_cell_shows_its_difference_to_the_reference_and_the_baseline():
+    board = build(_fair_rows(), [], ["runs/a"])
+    table = board.table
+    assert list(table.index)[:2] == [("fp32", "none"), ("rtn", "none")]  # reference, then baseline
+    # paired per seed: zsaq - fp32 = (0.83-0.90, 0.83-0.92) x100 = -7, -9; zsaq - rtn = +3, +5
+    assert table.loc[("zsaq", "none"), ("W4A8", "Δfp32")] == "-8.00 ± 1.41"
+    assert table.loc[("zsaq", "none"), ("W4A8", "Δrtn")] == "+4.00 ± 1.41"
+    assert table.loc[("rtn", "none"), ("W4A8", "Δrtn")] == ""  # the baseline is not compared with itself
+    assert table.loc[("rtn[clip=mse]", "none"), ("W4A8", "Δrtn")] == "-29.00 ± 1.41"  # a tuned RTN is a contender
+    assert table.loc[("zsaq", "none"), ("W4A8", "method s")] == "120.0 ± 0.0"
+    notes = " ".join(board.notes)
+    assert "zsaq 180/180, 60 steps" in notes and "gan 120/120, 60 steps" in notes and "not compute-matched" in notes
+
+
+def test_latency_only_where_a_real_kernel_ran():
+    board = build(_fair_rows(), [], ["runs/a"])
+    assert board.table.loc[("zsaq", "none"), ("W4A8", "p50 ms")] == "–"
+    assert board.table.loc[("rtn", "none"), ("W4A8", "p50 ms")] == "12.00 ± 0.00 (int8pack)"
+    latency = board.means[("W4A8", "p50 ms")]
+    assert latency.dropna().index.tolist() == [("rtn", "none")]  # plots and 'best' read these numbers
+    assert "show –" in " ".join(board.notes)

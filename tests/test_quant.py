@@ -78,6 +78,7 @@ def test_every_level_is_used_on_a_gaussian_row(bits, symmetric):
     levels = torch.tensor([len(torch.unique(row)) for row in fake_quantize(w, bits, symmetric=symmetric)])
     assert levels.median() == 2**bits  # a row with a lone far outlier may leave an end code empty
 
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_per_tensor_matches_torch(bits, symmetric):

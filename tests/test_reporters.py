@@ -24,6 +24,7 @@ def _rows():
     for method, data, gain, scale in (("rtn", "none", 0.0, 1.0), ("gptq", "calibration", 0.02, 1.1)):
         for w, drop in ((8, 0.01), (4, 0.08)):
             cell = {"data": data, "size": w * 3 * scale * MB, "p50": 4.0 + w * scale, "sharp": 10 * drop - gain}
+            cell["kernel"] = f"int{w}pack"  # real kernels: simulated cells have no latency figure
             for seed in (0, 1):
                 rows.append(_row(method, f"W{w}A32", "sst2", 0.9 - drop + gain + 0.01 * seed, seed=seed, **cell))
                 rows.append(_row(method, f"W{w}A32", "cola", 0.5 - drop + gain, seed=seed, **cell))
