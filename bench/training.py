@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -119,34 +120,77 @@ def _param_groups(model: torch.nn.Module, params) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+@contextmanager
+def perturb_quantized(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside, each quantized layer (``QuantLinear``/``QuantEmbedding``) reads Q(w0) + m * (w - w0), w0 its
+    weight on entry and m its quantizer's straight-through mask (``clip_mask``: 1 inside the grid's range, 0
+    where clipped; 1 everywhere for ``WeightQuantizer``, whose STE passes every weight).
+
+    At w = w0 the forward is exactly Q(w0) with the usual STE gradient; a perturbation e of the weights moves
+    the *quantized* weight to Q(w0) + m * e with the grid held where w0 put it, instead of re-rounding w0 + e
+    (which gives Q(w0) back for most small e, or grid noise: a min-max grid also follows w0 + e). That is the
+    point the sharpness metric measures, so SAM's ascent and the leaderboard's sharpness look at the same
+    weights. Q(w0) is recomputed from the detached w0 at every forward, so a learned grid (LSQ's step) that
+    requires grad still gets its gradient; one that is frozen gets none. On exit the layers' own forward is
+    back.
+    """
+    saved = []
+    try:
+        for layer in layers:
+            if getattr(layer, "input_scale", None) is not None or hasattr(layer, "outlier_index"):
+                # Q(w0 * s), float outlier columns: the forward reads more than Q(weight); not handled here
+                raise ValueError(f"perturb_quantized: {type(layer).__name__} is smoothed or has float outliers")
+            quantizer = layer.weight_quantizer
+            w0 = layer.weight.detach().clone()
+            mask = quantizer.clip_mask(w0) if hasattr(quantizer, "clip_mask") else 1.0
+            saved.append(layer)
+            layer.quantized_weight = lambda layer=layer, w0=w0, mask=mask: (
+                layer.weight_quantizer(w0) + mask * (layer.weight - w0)
+            )
+        yield
+    finally:
+        for layer in saved:
+            layer.__dict__.pop("quantized_weight", None)
+
+
 def sam_step(
     params: list[torch.nn.Parameter],
     closure: Callable[[], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     *,
     rho: float,
+    quantized: Iterable[nn.Module] = (),
 ) -> tuple[float, float]:
-    """One SAM update (Foret et al. 2021): ascend to w + e, e = rho * g/||g||, take the gradient there,
-    restore w, and let ``optimizer`` step with that gradient.
+    """One SAM update (Foret et al. 2021): ascend by e = rho * g/||g|| (g the gradient at the weights w),
+    take the gradient there, restore w bit for bit, and let ``optimizer`` step with that gradient.
 
     ``closure`` zero-grads nothing and returns the loss at the current weights (it is called twice).
-    Shared by every sharpness-aware method (ZSAQ's student step, SQuAT's weight phase), so they perturb
-    the same way. Returns ``(loss at w, loss at w + e)``.
+
+    Where e lands (the perturbation space) is the caller's choice, the one thing SAM leaves open for a
+    quantized model. ``quantized`` lists layers whose weights are in ``params`` and whose *quantized* weight
+    moves: during the step they read Q(w0) + e with the grid frozen (``perturb_quantized``), the point the
+    sharpness metric measures; the optimizer still updates the latent w through the STE. Every other
+    parameter, and a quantized layer not listed, moves as a float: the forward of such a layer reads
+    Q(w + e), which re-rounds e (on MiniLM W4 at rho 0.05, |Q(w+e) - Q(w)| is 14-17 rho with cosine < 0.1
+    to e: mostly rounding noise). ZSAQ's student step and SQuAT's weight phase both call this; their ``perturb``
+    setting (``quantized`` by default, ``latent``) decides what they pass. Returns ``(loss at w, loss at the
+    ascent point)``.
     """
     params = [p for p in params if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    loss = closure()
-    loss.backward()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
-    perturbations = [g * (rho / (norm + 1e-12)) for g in grads]
-    with torch.no_grad():
-        torch._foreach_add_(params, perturbations)
-    optimizer.zero_grad(set_to_none=True)
-    perturbed = closure()
-    perturbed.backward()
-    with torch.no_grad():
-        torch._foreach_sub_(params, perturbations)
+    with perturb_quantized(quantized):
+        loss = closure()
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
+        saved = [p.detach().clone() for p in params]  # restored by copy: (w + e) - e is not always w
+        with torch.no_grad():
+            torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
+        optimizer.zero_grad(set_to_none=True)
+        perturbed = closure()
+        perturbed.backward()
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), perturbed.item()

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,29 +150,6 @@ def lsq_layers(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, LSQQuantizer)]
 
 
-@contextmanager
-def perturb_quantized(layers: list[QuantLinear]) -> Iterator[None]:
-    """Inside, each layer's forward reads Q(w0) + m * (w - w0), w0 = its weight on entry and m = 1 where w0
-    lies inside the grid's range (the straight-through mask): at w = w0 it is exactly Q(w0) with LSQ's weight
-    gradient, and a perturbation e of the weights moves the *quantized* weight to Q(w0) + m * e, so SAM sees
-    the loss surface around the weights the model uses (the point the sharpness metric measures), instead
-    of re-rounding w0 + e (which gives Q(w0) back for every e smaller than half a step). Step sizes must be
-    frozen inside (they are not differentiated here)."""
-    saved = []
-    try:
-        for layer in layers:
-            with torch.no_grad():
-                w0 = layer.weight.detach().clone()
-                q0 = layer.weight_quantizer(w0).detach()
-                mask = layer.weight_quantizer.clip_mask(w0)
-            saved.append(layer)
-            layer.quantized_weight = lambda layer=layer, w0=w0, q0=q0, mask=mask: q0 + mask * (layer.weight - w0)
-        yield
-    finally:
-        for layer in saved:
-            layer.__dict__.pop("quantized_weight", None)
-
-
 def _rng_states() -> tuple:
     cpu = torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -192,8 +168,9 @@ class SQuATUpdate:
 
     - ``weight_phase``: the sharpness objective on the weights, step sizes frozen: one ``sam_step`` (ascend to
       w + e with e = rho * g/||g||, take the gradient there, restore w, step). ``perturb="quantized"`` moves the
-      quantized weights (``perturb_quantized``), ``"latent"`` the float weights before rounding. Both loss
-      evaluations see the same dropout masks (the RNG state is replayed), so their gap is the perturbation's.
+      quantized weights (the forward reads Q(w) + e, ``bench.training.perturb_quantized``), ``"latent"`` the
+      float weights before rounding (Q(w + e)). Both loss evaluations see the same dropout masks (the RNG state
+      is replayed), so their gap is the perturbation's.
     - ``step_size_phase``: the plain objective on the step sizes, weights frozen: one gradient step.
     - ``schedule``: ``"step"`` runs both phases on every batch (weights, then step sizes); ``"alternate"``
       alternates them batch by batch; ``"epoch"`` alternates whole epochs (weights first; needs epochs >= 2).
@@ -215,11 +192,13 @@ class SQuATUpdate:
             return self.objective(model, batch, teacher_logits)
 
         with frozen(self.steps):
-            perturbing = perturb_quantized(self.layers) if cfg.perturb == "quantized" else nullcontext()
-            with perturbing:
-                loss, perturbed = sam_step(
-                    self.weights, closure, ClipThenStep(optimizer, self.weights, cfg.max_grad_norm), rho=cfg.rho
-                )
+            loss, perturbed = sam_step(
+                self.weights,
+                closure,
+                ClipThenStep(optimizer, self.weights, cfg.max_grad_norm),
+                rho=cfg.rho,
+                quantized=self.layers if cfg.perturb == "quantized" else (),
+            )
         self.gaps.append(perturbed - loss)
         return loss
 

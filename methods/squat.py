@@ -5,12 +5,14 @@ LSQ QAT from the fine-tuned FP model with KD from it (the ``lsq`` method's core,
 update alternates two objectives (``methods._qat.SQuATUpdate``):
 
 1. sharpness objective on the weights, step sizes frozen: a SAM step (``bench.training.sam_step``): ascend
-   to w + e, e = rho * g/||g||, take the gradient of the QAT loss there, restore w, update the weights;
+   by e = rho * g/||g||, take the gradient of the QAT loss there, restore, update the latent weights (with
+   ``perturb=quantized`` the forward at the ascent point reads Q(w) + e, the grid frozen);
 2. step-size objective on the LSQ step sizes, weights frozen: one plain gradient step of the QAT loss.
 
 Open choices, as settings: ``rho`` (SAM radius, 0.05 as SAM/ZSAQ), ``perturb`` (``quantized``: e moves the
 quantized weights Q(w) + e, the point the leaderboard's sharpness column measures; ``latent``: e moves the
-float weights before rounding, Q(w + e), which rounds most small perturbations away), ``schedule`` (``step``:
+float weights before rounding, Q(w + e), which rounds most small perturbations away; ZSAQ has the same
+setting with the same default, through the same ``sam_step``), ``schedule`` (``step``:
 both phases on every batch, the default; ``alternate``: one phase per batch; ``epoch``: whole epochs), and the
 shared QAT fields (lr for weights, ``step_lr`` for step sizes, epochs, examples, KD weight/temperature).
 

@@ -5,7 +5,7 @@ No official code exists; every choice the paper leaves open is a setting of ``Ze
 The minimax: a generator G (a pre-trained LM plus a trainable feature-adaptation module) synthesizes
 inputs x; the teacher T is the full-precision model, the student S its quantized copy.
   max over G of D(T(x), S(x))   -- stochastic gradient ascent (SGA) on the generator
-  min over S of D(T(x), S(x))   -- SAM on the student: gradient at w + rho * g/||g||
+  min over S of D(T(x), S(x))   -- SAM on the student: gradient at the ascent point, e = rho * g/||g||
 D is the KL divergence of the output distributions (classification logits or next-token distributions:
 the same code serves encoders and decoders). No task data is touched: ``data_used = "none"``.
 
@@ -16,6 +16,13 @@ first student sub-token), is a soft token whose embedding is p @ E (E each model
 table). The adaptation module, a Linear from G's last hidden state to the student's embedding width
 initialized at zero, adds a learned correction, so training starts from the LM's own distributions.
 The first and last positions are the student's [CLS]/[SEP] (or BOS) embeddings, as real inputs have.
+
+The student's SAM step (``bench.training.sam_step``, the one SQuAT uses) moves the quantized weights: at
+the ascent point the forward reads Q(w) + e with the grid frozen, the point the leaderboard's sharpness
+column measures; the gradient taken there updates the latent w through the STE. The paper does not say
+which weights SAM perturbs; ``perturb=latent`` moves the float w instead, so the forward reads Q(w + e): on
+MiniLM W4 at rho 0.05 that is mostly re-quantization noise (|Q(w+e) - Q(w)| 14-17 rho, cosine < 0.1 to e:
+the per-channel min-max grid follows w + e and shifts whole rows).
 
 ``methods/gan_zeroshot.py`` (``gan``) is this loop with a plain AdamW student step instead of SAM.
 Ablations: ``train_generator=false`` (frozen generator, no SGA), ``student_optimizer=adamw`` (no SAM),
@@ -52,6 +59,8 @@ class ZeroShotConfig:
     train_generator: bool = True  # false = frozen-generator ablation (no SGA)
     student_optimizer: Literal["sam", "adamw"] = "sam"
     rho: float = 0.05  # SAM radius (paper default)
+    # SAM moves the quantized weights, Q(w) + e (grid frozen), or the latent float ones, Q(w + e): as SQuAT's
+    perturb: Literal["quantized", "latent"] = "quantized"
     steps: int = 60  # student updates
     batch_size: int = 16
     seq_len: int = 32  # tokens per synthetic input, [CLS]/[SEP] included
@@ -222,7 +231,8 @@ class ZSAQ(Method):
         quantizer = LSQQuantizer if cfg.weight_quantizer == "lsq" else WeightQuantizer
         student = quantize_model(copy.deepcopy(model), spec, keep_fp=context.keep_fp, weight_quantizer=quantizer)
         student.eval()  # dropout off: the discrepancy is a deterministic function of x
-        weights, trainable = _student_parameters(student)
+        layers, trainable = _student_parameters(student)
+        weights = [m.weight for m in layers]
         rng = torch.Generator().manual_seed(context.seed)
         make_inputs, gen_opt = self._input_maker(cfg, student, teacher, context, device, rng)
         student_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
@@ -244,7 +254,8 @@ class ZSAQ(Method):
                 return distill_loss(_logits(student, s_in), target, kind=cfg.discrepancy, temperature=cfg.temperature)
 
             if cfg.student_optimizer == "sam":
-                loss, _ = sam_step(weights, closure, student_opt, rho=cfg.rho)
+                quantized = layers if cfg.perturb == "quantized" else ()
+                loss, _ = sam_step(weights, closure, student_opt, rho=cfg.rho, quantized=quantized)
             else:
                 loss = gradient_step(closure(), trainable, student_opt, max_norm=None)
             history.append(loss)
@@ -294,21 +305,19 @@ class ZSAQ(Method):
         return generated, ascent
 
 
-def _student_parameters(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights SAM perturbs, everything the student optimizer updates): the quantized layers' weights,
-    biases and learned steps; float parts (embeddings unless quantized, LayerNorms, the kept-FP head) stay."""
+def _student_parameters(student: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(quantized layers, whose weights SAM perturbs; everything the student optimizer updates): the
+    quantized layers' weights, biases and learned steps; float parts (embeddings unless quantized,
+    LayerNorms, the kept-FP head) stay."""
     from bench.quant import QUANT_LAYERS
 
     student.requires_grad_(False)
-    weights, trainable = [], []
-    for module in student.modules():
-        if isinstance(module, QUANT_LAYERS):
-            weights.append(module.weight)
-            trainable.extend(module.parameters())
+    layers = [m for m in student.modules() if isinstance(m, QUANT_LAYERS)]
+    trainable = [p for m in layers for p in m.parameters()]
     trainable = list({id(p): p for p in trainable}.values())  # tied tables appear once
     for p in trainable:
         p.requires_grad_(True)
-    return weights, trainable
+    return layers, trainable
 
 
 def discrepancy(teacher: nn.Module, student: nn.Module, t_in, s_in, cfg: ZeroShotConfig) -> torch.Tensor:

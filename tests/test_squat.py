@@ -12,7 +12,8 @@ from torch import nn
 
 from bench.api import QuantSpec
 from bench.quant import DEFAULT_KEEP_FP, LSQQuantizer, QuantLinear, quantize_model
-from methods._qat import Distilled, SQuATUpdate, lsq_layers, perturb_quantized, split_parameters
+from bench.training import perturb_quantized
+from methods._qat import Distilled, SQuATUpdate, lsq_layers, split_parameters
 from methods.lsq_qat import LSQ
 from methods.squat import SQuAT, SQuATConfig
 

@@ -167,3 +167,72 @@ def test_generator_objective_adds_the_entropy_of_the_teachers_batch_mean_predict
         entropy = -(mean * mean.log()).sum()
         got = generator_objective(teacher, student, x, x, cfg) - discrepancy(teacher, student, x, x, cfg)
     assert torch.allclose(got, 0.5 * entropy, atol=1e-5)
+
+
+def _watch_sam(monkeypatch) -> list[tuple[list, list, list]]:
+    """Spy on zsaq's SAM step. At each of its loss evaluations and once after it, record per QuantLinear of
+    the student: what its forward reads (``quantized_weight()``), its latent weight w, and Q(w) by its own
+    quantizer (what a forward that re-rounds would read)."""
+    import methods.zsaq as zsaq
+
+    students, records = [], []
+    real_quantize_model, real_sam_step = zsaq.quantize_model, zsaq.sam_step
+
+    def quantize_model(*args, **kwargs):
+        students.append(real_quantize_model(*args, **kwargs))
+        return students[-1]
+
+    def record():
+        layers = [m for m in students[-1].modules() if isinstance(m, QuantLinear)]
+        with torch.no_grad():
+            seen = [m.quantized_weight().clone() for m in layers]
+            latent = [m.weight.clone() for m in layers]
+            requantized = [m.weight_quantizer(m.weight).clone() for m in layers]
+        records.append((seen, latent, requantized))
+
+    def sam_step(params, closure, optimizer, **kwargs):
+        out = real_sam_step(params, lambda: record() or closure(), optimizer, **kwargs)
+        record()
+        return out
+
+    monkeypatch.setattr(zsaq, "quantize_model", quantize_model)
+    monkeypatch.setattr(zsaq, "sam_step", sam_step)
+    return records
+
+
+def _norm(tensors) -> float:
+    return torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])).item()
+
+
+# lr 0: AdamW (no weight decay) leaves the weights where SAM's restore put them
+ONE_SAM_STEP = {**FAST, "steps": 1, "lr": 0.0}
+
+
+@pytest.mark.parametrize("weight_quantizer", ["minmax", "lsq"])
+def test_zsaq_sam_ascent_reads_the_quantized_weights_plus_e_with_norm_rho_then_restores(
+    tokenizer, monkeypatch, weight_quantizer
+):
+    records = _watch_sam(monkeypatch)
+    cfg = ZeroShotConfig(**ONE_SAM_STEP, weight_quantizer=weight_quantizer)
+    assert cfg.perturb == "quantized"  # the default, as SQuAT's
+    ZSAQ(cfg).quantize(_teacher(), SPEC, _context(tokenizer))
+    (seen0, w0, _), (seen1, w1, _), (seen2, w2, _) = records
+    e = [b - a for a, b in zip(w0, w1, strict=True)]  # SAM's e, on the latent weights
+    assert _norm(e) == pytest.approx(cfg.rho, rel=1e-5)
+    for a, b, d in zip(seen0, seen1, e, strict=True):
+        torch.testing.assert_close(b - a, d)  # the forward read Q(w) + e: the whole e, grid frozen
+    assert all(torch.equal(a, b) for a, b in zip(w0, w2, strict=True))  # restored bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(seen0, seen2, strict=True))  # and read as before
+
+
+def test_zsaq_latent_perturbation_reads_the_requantized_moved_weights(tokenizer, monkeypatch):
+    records = _watch_sam(monkeypatch)
+    cfg = ZeroShotConfig(**ONE_SAM_STEP, perturb="latent")
+    ZSAQ(cfg).quantize(_teacher(), SPEC, _context(tokenizer))
+    (seen0, w0, _), (seen1, w1, requantized1), (_, w2, _) = records
+    e = [b - a for a, b in zip(w0, w1, strict=True)]
+    assert _norm(e) == pytest.approx(cfg.rho, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(seen1, requantized1, strict=True))  # Q(w + e)
+    moved = [b - a for a, b in zip(seen0, seen1, strict=True)]
+    assert not all(torch.allclose(m, d) for m, d in zip(moved, e, strict=True))  # not Q(w) + e
+    assert all(torch.equal(a, b) for a, b in zip(w0, w2, strict=True))
