@@ -231,7 +231,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
 
 
 def _cost_note(rows: list[dict]) -> str | None:
-    """What each training method spent per cell (student passes, optimizer steps), and which are matched."""
+    """What each training method spent per cell (task-model passes, optimizer steps), and which are matched."""
     spent: dict[str, set] = {}
     for r in rows:
         cost = r.get("cost") or {}
@@ -248,9 +248,8 @@ def _cost_note(rows: list[dict]) -> str | None:
     if not spent:
         return text
     per = {m: sorted(v)[0] if len(v) == 1 else None for m, v in sorted(spent.items())}
-    text += "; student forward/backward passes and optimizer steps per cell: " + ", ".join(
-        f"{m} {p[0]}/{p[1]}, {p[2]} steps" if p else f"{m} varies" for m, p in per.items()
-    )
+    text += "; forward/backward passes of the task model (student and teacher copies) and optimizer steps per cell: "
+    text += ", ".join(f"{m} {p[0]}/{p[1]}, {p[2]} steps" if p else f"{m} varies" for m, p in per.items())
     by_passes: dict[tuple, list[str]] = {}
     for m, p in per.items():
         if p:

@@ -353,10 +353,10 @@ class Runner:
         try:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
-            context = self.method_context(method, task, tokenizer, data, recipe, cell.seed)
-            seed_everything(cell.seed)
             student = copy.deepcopy(fp_model)
             meter = MethodMeter(student)
+            context = self.method_context(method, task, tokenizer, data, recipe, cell.seed, watch=meter.watch)
+            seed_everything(cell.seed)
             with meter:
                 model = method.quantize(student, cell.spec, context)
             if not isinstance(model, torch.nn.Module):
@@ -405,10 +405,13 @@ class Runner:
         )
         return row
 
-    def method_context(self, method, task, tokenizer, data, recipe, seed: int) -> MethodContext:
+    def method_context(
+        self, method, task, tokenizer, data, recipe, seed: int, watch: Callable | None = None
+    ) -> MethodContext:
         """What ``method`` may use, by the data it declared (see ``MethodContext``): zero-shot methods nothing,
         calibration methods unlabeled batches of the training split, labeled methods also its labeled batches.
-        Both are built on ``TaskData.training_only``: the evaluation split is not in what a method can reach."""
+        Both are built on ``TaskData.training_only``: the evaluation split is not in what a method can reach.
+        ``watch(model)`` (the cost meter's) sees the pre-trained model a method asks for, so its passes count."""
         view = data.training_only(f"task '{task.name}'") if method.data_used != "none" else None
         labeled = method.data_used == "labeled"
         calibration = None
@@ -425,7 +428,7 @@ class Runner:
             keep_fp=DEFAULT_KEEP_FP,
             calibration=calibration,
             training=self._training_data(task, tokenizer, view, recipe, seed) if labeled else None,
-            pretrained=functools.partial(self._pretrained, task),
+            pretrained=functools.partial(self._pretrained, task, watch),
         )
 
     def _training_data(self, task, tokenizer, data, recipe, seed: int) -> TrainingData:
@@ -437,10 +440,11 @@ class Runner:
             steps=functools.partial(task.train_steps, tokenizer, data, recipe),
         )
 
-    def _pretrained(self, task):
+    def _pretrained(self, task, watch: Callable | None = None):
         """A fresh pre-trained model with the task's new head (its random init follows the cell's seed)."""
         model, _ = task.load_model(self.resolved)
-        return model.to(self.device)
+        model = model.to(self.device)
+        return watch(model) if watch else model
 
     def _curvature(self, model, task, tokenizer, data, recipe, seed: int) -> dict:
         """Sharpness (and opt-in Hessian metrics) of the cell's model on seeded evaluation examples."""

@@ -46,32 +46,45 @@ def test_baseline_not_duplicated_and_droppable():
 
 
 class _SAMLike:
-    """Two forward/backward passes and one optimizer step per update, plus a teacher forward (not counted)."""
+    """Per update: a teacher forward, two student forward/backward passes, a student and a generator step.
+    Like zsaq, the student is a copy of the model handed in (which becomes the teacher)."""
 
-    def __call__(self, student: nn.Module, steps: int) -> None:
-        teacher = copy.deepcopy(student)  # carries the meter's hook along: it must not count
+    def __call__(self, model: nn.Module, steps: int) -> nn.Module:
+        student = copy.deepcopy(model)  # carries the meter's hook along: its passes count
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
-        generator_opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1e-3)  # not the student's
+        generator = nn.Linear(2, 2)
+        generator_opt = torch.optim.SGD(generator.parameters(), lr=1e-3)
         ids = torch.randint(0, 100, (3, 8))
         for _ in range(steps):
             with torch.no_grad():
-                teacher(input_ids=ids)
+                model(input_ids=ids)
             for _ in range(2):
                 student(input_ids=ids).logits.sum().backward()
+            generator(torch.ones(1, 2))  # another model: not a pass of the task model
             optimizer.step()
             generator_opt.step()
+        return student
 
 
-def test_meter_counts_student_passes_examples_and_steps_only():
-    student = tiny_bert()
-    meter = MethodMeter(student)
+def test_meter_counts_task_model_passes_examples_and_steps():
+    model = tiny_bert()
+    meter = MethodMeter(model)
     with meter:
-        _SAMLike()(student, steps=3)
+        student = _SAMLike()(model, steps=3)
     cost = meter.cost.as_row()
-    assert cost["forward_passes"] == 6 and cost["backward_passes"] == 6 and cost["examples"] == 18
-    assert cost["optimizer_steps"] == 3 and cost["method_s"] > 0
-    student(input_ids=torch.randint(0, 100, (1, 4)))  # after the method: hooks are gone
-    assert meter.cost.forward_passes == 6
+    assert cost["forward_passes"] == 9 and cost["backward_passes"] == 6 and cost["examples"] == 27
+    assert cost["optimizer_steps"] == 6 and cost["method_s"] > 0
+    for after in (model, student):  # evaluation after the method is not its cost
+        after(input_ids=torch.randint(0, 100, (1, 4))).logits.sum().backward()
+    assert meter.cost.forward_passes == 9 and meter.cost.backward_passes == 6
+
+
+def test_meter_watches_a_model_the_method_builds_from_the_context():
+    meter = MethodMeter(tiny_bert())
+    with meter:
+        fresh = meter.watch(tiny_bert(seed=1))  # MethodContext.pretrained() goes through watch
+        fresh(input_ids=torch.randint(0, 100, (2, 4))).logits.sum().backward()
+    assert (meter.cost.forward_passes, meter.cost.backward_passes, meter.cost.examples) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -2,15 +2,15 @@
 compute-matched.
 
 Seconds alone mislead on a shared 2-core machine and cannot be compared across hosts; a count of
-whole-model passes can. The runner wraps ``Method.quantize`` in ``MethodMeter``, which counts, on the
-model the method was handed (the student), every forward pass of the whole model with the examples it
-carried, every backward pass through its output, and every optimizer step that updates one of its
-parameters (torch's global optimizer step hook: SQuAT's alternating weight and step-size updates are two
-steps, a generator's own optimizer none). The same hooks for every method: zsaq's SAM step
-counts two forward/backward passes where gan's AdamW step counts one, and GPTQ's block-by-block
-calibration counts none (it never runs the whole model; its seconds say what it cost).
-Passes of other models (a teacher, a generator) are not counted: a copy of the student made inside the
-method carries the hooks along, so each hook checks that it fires on the student itself.
+whole-model passes can. The runner wraps ``Method.quantize`` in ``MethodMeter``, which counts passes of
+the task model: the model the method was handed and every copy of it (the hook travels with
+``copy.deepcopy``, so a student copied from it and a teacher alike), plus any model the method asks the
+context for (``MethodContext.pretrained``, PreQuant's start). It counts every forward pass of such a
+whole model with the examples it carried, every backward pass through its output, and every optimizer
+step the method takes (any optimizer: a generator's included). The same hooks for every method: a SAM
+step costs two student forward/backward passes where an AdamW step costs one; GPTQ's block-by-block
+calibration counts no whole-model pass (its seconds say what it cost). Passes of other models (a
+generator LM) are not counted; their time is in the seconds.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class MethodCost:
     """The row's ``cost``: what ``Method.quantize`` spent, apart from evaluation, sharpness and latency."""
 
     method_s: float = 0.0  # wall seconds inside Method.quantize
-    forward_passes: int = 0  # whole-model forward passes of the student
-    backward_passes: int = 0  # backward passes through the student's output
+    forward_passes: int = 0  # whole-model forward passes of the task model (student, teacher: any copy)
+    backward_passes: int = 0  # backward passes through those passes' outputs
     examples: int = 0  # examples (sequences) through those forward passes
-    optimizer_steps: int = 0  # optimizer steps that updated a student parameter
+    optimizer_steps: int = 0  # optimizer steps taken inside the method (every optimizer)
     _handles: list = field(default_factory=list, repr=False)
 
     def as_row(self) -> dict:
@@ -60,40 +60,53 @@ def _first_grad_tensor(output) -> torch.Tensor | None:
 
 
 class MethodMeter:
-    """Context manager: counts the student's passes and times the method; ``cost`` holds the result."""
+    """Context manager: counts the task model's passes and times the method; ``cost`` holds the result.
+
+    The hooks stay on copies the method made (the returned student among them) but count only while the meter
+    is active, so evaluation, sharpness and latency passes after the method are never counted.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.cost = MethodCost()
+        self.active = False
+        # plain functions, not bound methods: copy.deepcopy of a module copies its hooks, and a bound method
+        # would be copied with its meter, while a function is shared, so every copy counts here
+        meter = self
 
-    def __enter__(self) -> MethodCost:
-        model, cost = self.model, self.cost
+        def on_forward(module, args, kwargs, output) -> None:
+            if meter.active:
+                meter.cost.forward_passes += 1
+                meter.cost.examples += _batch_size(args, kwargs)
+                tensor = _first_grad_tensor(output)
+                if tensor is not None:
+                    tensor.register_hook(on_backward)
 
-        def on_forward(module, args, kwargs, output):
-            if module is not model:  # a deep copy of the student (a teacher) shares this hook
-                return
-            cost.forward_passes += 1
-            cost.examples += _batch_size(args, kwargs)
-            tensor = _first_grad_tensor(output)
-            if tensor is not None:
-                tensor.register_hook(_count_backward)
-
-        def _count_backward(grad):
-            cost.backward_passes += 1
+        def on_backward(grad: torch.Tensor) -> torch.Tensor:
+            if meter.active:
+                meter.cost.backward_passes += 1
             return grad
 
-        def on_step(optimizer, args, kwargs):
-            student = {id(p) for p in model.parameters()}  # read now: methods add parameters (LSQ steps)
-            if any(id(p) in student for group in optimizer.param_groups for p in group["params"]):
-                cost.optimizer_steps += 1
+        def on_step(optimizer, args, kwargs) -> None:
+            if meter.active:
+                meter.cost.optimizer_steps += 1
 
-        cost._handles.append(model.register_forward_hook(on_forward, with_kwargs=True))
-        cost._handles.append(register_optimizer_step_post_hook(on_step))
-        self._t0 = time.perf_counter()
-        return cost
+        self._on_forward, self._on_step = on_forward, on_step
+
+    def watch(self, model: nn.Module) -> nn.Module:
+        """Count ``model``'s passes too (a model the method obtained from the context); returns it."""
+        self.cost._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
+        return model
+
+    def __enter__(self) -> MethodCost:
+        self.watch(self.model)
+        self.cost._handles.append(register_optimizer_step_post_hook(self._on_step))
+        self.active, self._t0 = True, time.perf_counter()
+        return self.cost
 
     def __exit__(self, *exc) -> None:
         self.cost.method_s = time.perf_counter() - self._t0
+        self.active = False
         for handle in self.cost._handles:
             handle.remove()
         self.cost._handles.clear()
