@@ -1,0 +1,79 @@
+"""Conventions users expect of a Python tool: ``python -m bench`` is ``bench``, and the dependency list is what
+the code imports (nothing missing, nothing declared for no reason).
+
+Every third-party module imported anywhere in bench/, methods/ or tasks/ (lazy imports inside functions too)
+must come from a declared dependency or extra; every declared core dependency must be imported, or be listed
+below with the reason a library needs it on our behalf.
+"""
+
+import ast
+import importlib.metadata as md
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("bench", "methods", "tasks")
+# declared but not imported by our code: who uses them for us
+USED_INDIRECTLY = {
+    "tabulate": "pandas.DataFrame.to_markdown renders the md leaderboard with it",
+    "jinja2": "pandas Styler renders the HTML leaderboard with it",
+    "safetensors": "transformers' save_pretrained/from_pretrained of the fine-tune cache",
+    "accelerate": "transformers needs it to load GGUF checkpoints (extra 'gguf')",
+    "gguf": "transformers reads SmolLM2's GGUF file with it (extra 'gguf')",
+}
+OWN = {"bench", "methods", "tasks"}
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _declared() -> tuple[set[str], set[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_requirement_name(d) for d in project["dependencies"]}
+    extras = {_requirement_name(d) for deps in project["optional-dependencies"].values() for d in deps}
+    return core, extras
+
+
+def _imported_modules() -> set[str]:
+    found = set()
+    for source in SOURCES:
+        for path in (ROOT / source).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - OWN - {"__future__"}
+
+
+def _distributions(modules: set[str]) -> dict[str, str]:
+    mapping = md.packages_distributions()
+    return {m: mapping[m][0].lower().replace("_", "-") for m in modules if m in mapping}
+
+
+def test_every_imported_package_is_declared():
+    core, extras = _declared()
+    dists = _distributions(_imported_modules())
+    missing = {m: d for m, d in dists.items() if d not in core | extras}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_every_core_dependency_is_used():
+    core, _ = _declared()
+    used = set(_distributions(_imported_modules()).values())
+    unused = core - used - set(USED_INDIRECTLY)
+    assert not unused, f"declared but never imported (remove, or say in USED_INDIRECTLY who needs it): {unused}"
+
+
+def test_python_dash_m_bench_is_the_bench_command():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "bench", "list", "reporters"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "md" in out.stdout and "html" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench", "list", "metrix"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "did you mean 'metrics'" in bad.stderr
