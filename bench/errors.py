@@ -20,6 +20,10 @@ class PluginError(BenchError):
     pass
 
 
+class MalformedPluginError(PluginError):
+    """A plugin registered something that is not what its kind must be (a method that is no Method class)."""
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)

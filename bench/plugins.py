@@ -15,8 +15,8 @@ from types import ModuleType
 import pluggy
 
 from bench import hookspecs
-from bench.errors import DuplicateNameError, PluginError
-from bench.registry import Provider, Registry
+from bench.errors import DuplicateNameError, MalformedPluginError, PluginError
+from bench.registry import Provider, Registry, checks
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def load(extra: list[tuple[str, ModuleType]] | None = None) -> Plugins:
     """Load every entry-point plugin (and ``extra`` in-process ones, for tests) and collect registrations."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
-    plugins = Plugins(*(Registry(kind) for kind in KINDS), infos=[])
+    kind_checks = checks()
+    plugins = Plugins(*(Registry(kind, kind_checks[kind]) for kind in KINDS), infos=[])
     candidates: list[tuple[PluginInfo, object]] = []
     for ep in _entry_points():
         dist = ep.dist.name if ep.dist else "?"
@@ -116,7 +117,13 @@ def load(extra: list[tuple[str, ModuleType]] | None = None) -> Plugins:
                 names: list[str] = []
 
                 def register(name, obj, *, _kind=kind, _names=names, _provider=provider, **meta):
-                    plugins.registry(_kind).add(name, obj, _provider, **meta)
+                    try:
+                        plugins.registry(_kind).add(name, obj, _provider, **meta)
+                    except MalformedPluginError as exc:  # skip this object; the plugin's other names still count
+                        if _strict():
+                            raise PluginError(f"{exc} [BENCH_STRICT=1]") from None
+                        warnings.warn(f"{exc}; skipped (set BENCH_STRICT=1 to make this fatal)", stacklevel=2)
+                        return
                     _names.append(str(name).lower())
 
                 try:

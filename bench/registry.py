@@ -1,9 +1,15 @@
 """Name -> object maps filled by the register_* hooks, with provenance and "did you mean" errors."""
 
+import dataclasses
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.errors import DuplicateNameError, unknown
+from bench.errors import DuplicateNameError, MalformedPluginError, unknown
+
+# check(obj, meta) -> what is wrong with a registration, or None when it is well-formed
+Check = Callable[[Any, dict], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,17 @@ class Entry:
 class Registry:
     """One kind of registered thing (methods, tasks, metrics, reporters)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check: Check | None = None):
         self.kind = kind
+        self.check = check
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
 
     def add(self, name: str, obj: Any, provider: Provider, *, aliases=(), **meta) -> None:
         name = str(name).lower()
+        problem = self.check(obj, meta) if self.check else None
+        if problem:
+            raise MalformedPluginError(f"plugin {provider} registered {self.kind.rstrip('s')} '{name}' as {problem}")
         for key in (name, *aliases):
             owner = self._owner(key)
             if owner is not None:
@@ -72,3 +82,46 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return self._owner(str(name)) is not None
+
+
+# --------------------------------------------------------------------------- what each kind must be
+
+
+def _subclass_of(base: type, data_used: tuple[str, ...] = ()) -> Check:
+    def check(obj: Any, meta: dict) -> str | None:
+        if obj is None and meta.get("members"):
+            return None  # a group of other names (the 'glue' task group)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            return f"{obj!r}, which is not a {base.__module__}.{base.__qualname__} subclass"
+        config = getattr(obj, "Config", None)
+        if config is not None and not dataclasses.is_dataclass(config):
+            return f"{obj.__qualname__} whose Config {config!r} is not a dataclass (settings must be typed fields)"
+        if data_used and getattr(obj, "data_used", None) not in data_used:
+            return f"{obj.__qualname__} with data_used={obj.data_used!r}; choose from {', '.join(data_used)}"
+        return None
+
+    return check
+
+
+def _callable(obj: Any, meta: dict) -> str | None:
+    return None if callable(obj) else f"{obj!r}, which is not callable"
+
+
+def _metric(obj: Any, meta: dict) -> str | None:
+    if not callable(obj):
+        return f"{obj!r}, which is not callable"
+    if not isinstance(meta.get("higher_is_better"), bool):
+        return f"{getattr(obj, '__name__', obj)!r} without higher_is_better=True/False (the table needs its direction)"
+    return None
+
+
+def checks() -> dict[str, Check]:
+    """The type check of each kind of registration (lm-eval's Registry(base_cls=...) idea)."""
+    from bench.api import DataUsed, Method, Task  # the API module defines what a method and a task are
+
+    return {
+        "methods": _subclass_of(Method, typing.get_args(DataUsed)),
+        "tasks": _subclass_of(Task),
+        "metrics": _metric,
+        "reporters": _callable,
+    }

@@ -98,3 +98,69 @@ def test_plugin_raising_during_registration_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("BENCH_STRICT", raising=False)
     with pytest.warns(UserWarning, match="brokenplug.*register methods.*boom"):
         plugins.load()
+
+
+MALFORMED = """
+    from bench import hookimpl
+    from bench.api import Method
+
+    class NotAMethod:  # no bench.api.Method base: no data_used, no Config
+        pass
+
+    class Good(Method):
+        description = "fine"
+
+    @hookimpl
+    def register_methods(register):
+        register("broken", NotAMethod)
+        register("goodone", Good)
+
+    @hookimpl
+    def register_metrics(register):
+        register("nodirection", lambda p, r: 0.0)
+"""
+
+
+def test_malformed_registration_is_named_and_skipped_the_rest_listed(tmp_path, monkeypatch, capsys):
+    _fake_dist(tmp_path, monkeypatch, MALFORMED)
+    monkeypatch.delenv("BENCH_STRICT", raising=False)
+    with pytest.warns(UserWarning) as caught:
+        loaded = plugins.load()
+    messages = " ".join(str(w.message) for w in caught)
+    assert "brokenplug" in messages and "method 'broken'" in messages and "not a bench.api.Method subclass" in messages
+    assert "metric 'nodirection'" in messages and "higher_is_better" in messages
+    assert "broken" not in loaded.methods and "goodone" in loaded.methods and "rtn" in loaded.methods
+    assert "nodirection" not in loaded.metrics
+
+    from bench.cli import main
+
+    monkeypatch.setattr(plugins, "default", lambda: loaded)
+    assert main(["list", "methods"]) == 0  # the listing survives one bad plugin (was an AttributeError traceback)
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines()[2:] if line.strip()]
+    assert "goodone" in names and "zsaq" in names and "broken" not in names
+
+
+def test_malformed_registration_is_fatal_in_strict_mode(tmp_path, monkeypatch):
+    _fake_dist(tmp_path, monkeypatch, MALFORMED)
+    monkeypatch.setenv("BENCH_STRICT", "1")
+    with pytest.raises(PluginError, match=r"brokenplug.*method 'broken'.*BENCH_STRICT"):
+        plugins.load()
+
+
+@pytest.mark.parametrize(
+    "kind,obj,meta,problem",
+    [
+        ("methods", Dummy(), {}, "not a bench.api.Method subclass"),
+        ("methods", type("BadData", (Method,), {"data_used": "everything"}), {}, "data_used='everything'"),
+        ("tasks", Dummy, {}, "not a bench.api.Task subclass"),
+        ("reporters", "md", {}, "not callable"),
+    ],
+)
+def test_registry_checks_each_kind(kind, obj, meta, problem):
+    from bench.errors import MalformedPluginError
+    from bench.registry import checks
+
+    registry = Registry(kind, checks()[kind])
+    with pytest.raises(MalformedPluginError, match=problem):
+        registry.add("x", obj, Provider("p", "d", "1"), **meta)
