@@ -121,7 +121,7 @@ def cmd_run(args) -> int:
     if hasattr(executor, "check"):
         executor.check()  # e.g. the Ray install hint, an unreachable --ray-address: before anything is written
     out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    store = ResultStore(out)
+    store = ResultStore(out, skip_damaged=args.skip_damaged)
     if store.path.exists():
         store.rows()  # a corrupt results file is reported before any work starts
     device = args.device or _default_device()
@@ -143,7 +143,7 @@ def cmd_run(args) -> int:
         )
         print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
         counts = runner.run(cells, force=args.force, retry_failed_only=args.retry_failed, executor=executor)
-        ok, failed = collect([str(out)])
+        ok, failed = collect([str(out)], skip_damaged=args.skip_damaged)
         board = build(ok, failed, [str(out)])
         for fmt in RUN_FORMATS:
             text = plugins.reporters.get(fmt)(board, out / f"leaderboard.{fmt}")
@@ -238,7 +238,7 @@ def cmd_leaderboard(args) -> int:
     render = reporters.get(args.format)
     fmt = reporters.entry(args.format).name
     run_dirs = args.run_dirs or [_latest_run_dir()]
-    ok, failed = collect(run_dirs)
+    ok, failed = collect(run_dirs, skip_damaged=args.skip_damaged)
     board = build(ok, failed, run_dirs)
     path = Path(args.output) if args.output else Path(run_dirs[0]) / f"leaderboard.{fmt}"
     text = render(board, path)
@@ -252,7 +252,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_show(args) -> int:
     from bench.results import ResultStore
 
-    store = ResultStore.open_existing(args.run_dir)
+    store = ResultStore.open_existing(args.run_dir, skip_damaged=args.skip_damaged)
     latest = store.latest()
     planned = store.meta().get("planned", [])
     ok = [k for k, r in latest.items() if r["status"] == "ok"]
@@ -270,6 +270,12 @@ def cmd_show(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+SKIP_DAMAGED_HELP = (
+    "skip damaged lines of results.jsonl (not JSON or not a result row, with rows after them) with a warning "
+    "instead of stopping; a torn last line is always skipped"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default=None, help="run dir; default results/<--name or timestamp>")
     out.add_argument("--name", default=None, help="run name: results/NAME")
     run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
+    run.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
     run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
     run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
     run.add_argument(
@@ -421,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="md", help="md, csv, json, html, latex, png (plots), or a format an installed plugin adds"
     )
     lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
+    lb.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
     lb.set_defaults(func=cmd_leaderboard)
 
     show = sub.add_parser(
@@ -429,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Status of a run: which cells are done, failed or still pending.",
     )
     show.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `bench run` (results/NAME)")
+    show.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
     show.set_defaults(func=cmd_show)
     return parser
 

@@ -113,11 +113,11 @@ def method_label(row: dict) -> str:
     return row["method"] + (f"[{row['variant']}]" if row.get("variant") else "")
 
 
-def collect(run_dirs: list[str]) -> tuple[list[dict], list[dict]]:
+def collect(run_dirs: list[str], *, skip_damaged: bool = False) -> tuple[list[dict], list[dict]]:
     """Newest row per cell key over all run dirs; returns (ok rows, failed rows)."""
     latest: dict[str, dict] = {}
     for run_dir in run_dirs:
-        latest.update(ResultStore.open_existing(run_dir).latest())
+        latest.update(ResultStore.open_existing(run_dir, skip_damaged=skip_damaged).latest())
     ok = [r for r in latest.values() if r.get("status") == "ok"]
     failed = [r for r in latest.values() if r.get("status") != "ok"]
     return ok, failed

@@ -1,8 +1,14 @@
 """The append-only result store: one JSON line per finished cell in ``<run>/results.jsonl``.
 
 A line is written with a single ``write`` on an O_APPEND descriptor and fsynced, so a crash leaves
-either the whole row or a torn last line, which ``read`` detects and ignores with a warning. Rows are
+either the whole row or a torn last line, which ``rows`` detects and ignores with a warning. Rows are
 never rewritten: a re-run of a cell appends, and the newest row for a key is the one that counts.
+
+Only the last line of an append-only file can be torn. When a later run appends after a torn line, it
+first seals it with a newline and a seal record (``{"_sealed_torn_line": N}``), so the torn line stays
+recognizable in the middle of the file. Any other unreadable line before further rows means the file was
+damaged (an editor, a disk, another tool): reading stops with the file and line and what to do, unless the
+store was opened with ``skip_damaged`` (``--skip-damaged``), which skips such lines with a warning.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ LOCK = ".lock"
 
 
 ROW_FIELDS = frozenset({"key", "status"})  # what resume cannot do without
+SEAL = "_sealed_torn_line"  # the record an append writes after sealing a torn line (its line number)
 
 
 class ResultStore:
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, *, skip_damaged: bool = False):
         self.dir = Path(run_dir)
         self.path = self.dir / RESULTS
+        self.skip_damaged = skip_damaged
 
     @classmethod
-    def open_existing(cls, run_dir: str | os.PathLike) -> ResultStore:
+    def open_existing(cls, run_dir: str | os.PathLike, *, skip_damaged: bool = False) -> ResultStore:
         """A store for a run dir that must already hold a quantbench run."""
-        store = cls(run_dir)
+        store = cls(run_dir, skip_damaged=skip_damaged)
         if not store.dir.is_dir():
             raise BenchError(f"run dir '{run_dir}' does not exist")
         if not (store.path.exists() or (store.dir / RUN_META).exists()):
@@ -44,16 +52,27 @@ class ResultStore:
 
     # ------------------------------------------------------------------ writing
     def append(self, row: dict) -> None:
+        """Append one row durably. An ``OSError`` (disk full, run dir unwritable) becomes a ``BenchError``
+        that says the rows already written are intact: a failed write can only tear this last line."""
         data = (json.dumps(row, sort_keys=True, default=str) + "\n").encode()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            if os.fstat(fd).st_size and not self._ends_with_newline():
-                data = b"\n" + data  # seal a torn line left by a killed run, so this row stays whole
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size and not self._ends_with_newline():
+                    # seal a torn line left by a killed run, and say so, so this row stays whole and the torn
+                    # line is never mistaken for damage
+                    torn_line = self.path.read_bytes().count(b"\n") + 1
+                    data = b"\n" + json.dumps({SEAL: torn_line}).encode() + b"\n" + data
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise BenchError(
+                f"could not write a result row to {self.path}: {exc.strerror or exc}; the rows already written "
+                "are intact, and re-running the same command resumes after you free space or fix permissions"
+            ) from exc
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as fh:
@@ -97,29 +116,35 @@ class ResultStore:
         if not self.path.exists():
             return []
         lines = self.path.read_bytes().split(b"\n")
+        sealed = {record[SEAL] for record in map(_json_or_none, lines) if isinstance(record, dict) and SEAL in record}
         rows = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                torn = number == len(lines) or all(not rest.strip() for rest in lines[number:])
-                if torn or self._is_sealed_tear(lines, number):
-                    log.warning("%s line %d is a torn write from an interrupted run; ignored", self.path, number)
-                    continue
-                raise BenchError(f"{self.path} line {number} is corrupt (not JSON); fix or remove it") from None
-            if not isinstance(row, dict) or not ROW_FIELDS <= row.keys():
-                raise BenchError(
-                    f"{self.path} line {number} is not a quantbench result row (needs {', '.join(sorted(ROW_FIELDS))})"
-                )
+            row = _json_or_none(line)
+            if isinstance(row, dict) and SEAL in row:
+                continue
+            last = all(not rest.strip() for rest in lines[number:])
+            if row is None and (last or number in sealed):
+                log.warning("%s:%d is a torn write from an interrupted run; ignored", self.path, number)
+                continue
+            if row is None or not isinstance(row, dict) or not ROW_FIELDS <= row.keys():
+                what = "is not JSON" if row is None else f"is not a result row (needs {', '.join(sorted(ROW_FIELDS))})"
+                self._damaged(number, what)
+                continue
             rows.append(row)
         return rows
 
-    @staticmethod
-    def _is_sealed_tear(lines: list[bytes], number: int) -> bool:
-        """A torn line that a later ``append`` sealed with a newline: a JSON prefix cut short."""
-        return lines[number - 1].lstrip().startswith(b"{") and not lines[number - 1].rstrip().endswith(b"}")
+    def _damaged(self, number: int, what: str) -> None:
+        """A bad line that is not a torn tail: the file was damaged. Stop, unless told to skip such lines."""
+        where = f"{self.path}:{number}"
+        if self.skip_damaged:
+            log.warning("%s %s; skipped (--skip-damaged)", where, what)
+            return
+        raise BenchError(
+            f"{where} {what}, and it is not a torn last line: the file was damaged. Restore it, delete that line, "
+            "or pass --skip-damaged to ignore damaged lines"
+        )
 
     def latest(self) -> dict[str, dict]:
         """The newest row of every cell key."""
@@ -130,3 +155,10 @@ class ResultStore:
 
     def done_keys(self) -> set[str]:
         return {key for key, row in self.latest().items() if row.get("status") == "ok"}
+
+
+def _json_or_none(line: bytes):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None

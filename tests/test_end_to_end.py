@@ -154,3 +154,29 @@ def test_default_model_end_to_end(tmp_path):
     assert rows["FP32"]["score"] > 0.6  # it learned something from 384 sentences
     assert rows["W4A32"]["quantized"]["quantized_linears"] == 37  # 6 layers x 6 + pooler
     assert abs(rows["W4A32"]["score"] - rows["FP32"]["score"]) < 0.15
+
+
+def test_disk_full_mid_grid_fails_the_cell_in_flight_and_keeps_written_rows(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import bench.results
+
+    out = tmp_path / "run"
+    real_write, writes = os.write, []
+
+    def fills_up(fd, data):
+        writes.append(data)
+        if len(writes) > 1:  # the FP32 row lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(bench.results.os, "write", fills_up)
+    argv = ["run", "--methods", "rtn", "--bits", "4", *TINY, "--no-sharpness", "--no-latency", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device; the rows already written are intact" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert [r["bits"] for r in _rows(out)] == ["FP32"]
+    assert main(argv) == 0  # space freed: the same command resumes with the cell that failed
+    assert sorted(r["bits"] for r in _rows(out)) == ["FP32", "W4A32"]
