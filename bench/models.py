@@ -151,7 +151,8 @@ def load_finetuned(
     """The task-fine-tuned FP model for (model, task, data, seed, recipe): from cache, or trained once.
 
     The cache entry is written to a temporary directory and renamed into place, so a fine-tune killed
-    half-way never leaves an entry that loads.
+    half-way never leaves an entry that loads. Its weight files' checksums are recorded, and an entry damaged
+    later (a truncated file, a bad disk) is detected, removed and trained again, never loaded.
     """
     from dataclasses import asdict
 
@@ -162,10 +163,16 @@ def load_finetuned(
     final = hub.cache_root() / "finetuned" / f"{name}-{model.name.replace('/', '--')}-{key}"
     info = {"cache_key": key, "cache_dir": str(final), "recipe": recipe_dict}
     if (final / "quantbench.json").is_file():
-        log.info("using cached fine-tuned %s/%s from %s", model.name, task.name, final)
-        fp = ResolvedModel(model.name, str(final), model.source, model.kind)
-        net, tokenizer = task.load_model(fp)
-        return net, tokenizer, {**info, "cached": True}
+        problem = _damage(final)
+        if problem is None:
+            log.info("using cached fine-tuned %s/%s from %s", model.name, task.name, final)
+            try:
+                net, tokenizer = task.load_model(ResolvedModel(model.name, str(final), model.source, model.kind))
+                return net, tokenizer, {**info, "cached": True}
+            except Exception as exc:  # noqa: BLE001 - any failure to load a cache entry means: train again
+                problem = f"it does not load ({type(exc).__name__}: {exc})"
+        log.warning("cached fine-tune %s is damaged: %s; removing it and training again", final, problem)
+        shutil.rmtree(final, ignore_errors=True)
 
     net, tokenizer = task.load_model(model)
     task.finetune(net.to(device), tokenizer, data, recipe, seed, device=device)
@@ -174,7 +181,10 @@ def load_finetuned(
     try:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "quantbench.json").write_text(json.dumps({**info, "model_source": model.source}, indent=2))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
+        (tmp / "quantbench.json").write_text(
+            json.dumps({**info, "model_source": model.source, "files": files}, indent=2)
+        )
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same fine-tune first: theirs is as good
@@ -183,3 +193,29 @@ def load_finetuned(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return net, tokenizer, {**info, "cached": False}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(entry: Path) -> str | None:
+    """What is wrong with a fine-tune cache entry's weight files (missing, truncated, changed), or None."""
+    try:
+        files = json.loads((entry / "quantbench.json").read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"its quantbench.json is unreadable ({exc})"
+    for name, digest in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
