@@ -189,9 +189,12 @@ class LocalExecutor:
 
 class PoolExecutor:
     """``jobs`` worker processes on this machine, with the same worker functions as Ray: each group's FP model
-    is prepared once, then its cells run in parallel. A worker that dies breaks the whole pool (Python's
-    process pools cannot lose one worker): the cells still pending then record failed rows -- use Ray for
-    isolation from crashes, and ``--retry-failed`` to finish them."""
+    is prepared once, then its cells run in parallel.
+
+    Each worker is a process pool of its own with one task at a time, not one shared pool: Python's shared
+    pool breaks as a whole when one worker dies, failing every queued cell with it. Here a dead worker (a
+    segfault, the kernel's OOM killer) costs exactly the task it was running, which records a failed row; the
+    slot gets a fresh process and the remaining cells go on."""
 
     def __init__(self, jobs: int):
         self.jobs = jobs
@@ -200,41 +203,60 @@ class PoolExecutor:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         spec = WorkerSpec.of(runner, threads=threads)
         needs_prepare = _needs_prepare(runner)
-        with _environ(WORKER_ENV), ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn")) as pool:
-            pending: dict[Future, tuple[str, object, str]] = {}
+        # tasks: ("prepare", group) first for groups that fine-tune, ("cell", cell) once their group is ready
+        queue: list[tuple[str, object]] = []
+        for group in groups:
+            queue.extend([("prepare", group)] if needs_prepare(group[0]) else [("cell", c) for c in group])
+        with _environ(WORKER_ENV):
+            slots = [_Slot() for _ in range(self.jobs)]
+            running: dict[Future, tuple[_Slot, str, object, str]] = {}
+            try:
+                while queue or running:
+                    for slot in [s for s in slots if s not in {v[0] for v in running.values()}]:
+                        if not queue:
+                            break
+                        kind, what = queue.pop(0)
+                        fn = prepare_group if kind == "prepare" else run_cell
+                        arg = what[0] if kind == "prepare" else what
+                        running[slot.submit(fn, spec, arg)] = (slot, kind, what, _now())
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        slot, kind, what, started = running.pop(future)
+                        try:
+                            result = future.result()
+                        except Exception as exc:  # the worker died (BrokenProcessPool) or pickling failed
+                            if isinstance(exc, BrokenProcessPool):
+                                slot.restart()
+                            for cell in what if kind == "prepare" else [what]:
+                                yield cell, _lost_cell(runner, cell, exc, started)
+                            continue
+                        if kind == "cell":
+                            yield what, result
+                        elif result is not None:  # the group's FP model failed: every cell of it records that
+                            for cell in what:
+                                yield cell, runner.failed_row(cell, result, started=started)
+                        else:
+                            queue[:0] = [("cell", c) for c in what]  # the group is ready: its cells next
+            finally:
+                for slot in slots:
+                    slot.close()
 
-            def submit_cells(group: list[Cell]) -> Rows:
-                for i, cell in enumerate(group):
-                    try:
-                        pending[pool.submit(run_cell, spec, cell)] = ("cell", cell, _now())
-                    except BrokenProcessPool as exc:  # a worker died: nothing more runs in this pool
-                        for lost in group[i:]:
-                            yield lost, _lost_cell(runner, lost, exc, _now())
-                        return
 
-            for group in groups:
-                if needs_prepare(group[0]):
-                    pending[pool.submit(prepare_group, spec, group[0])] = ("prepare", group, _now())
-                else:
-                    yield from submit_cells(group)
-            while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                for future in done:
-                    kind, what, started = pending.pop(future)
-                    try:
-                        result = future.result()
-                    except Exception as exc:  # the worker process died (BrokenProcessPool) or pickling failed
-                        cells = what if kind == "prepare" else [what]
-                        for cell in cells:
-                            yield cell, _lost_cell(runner, cell, exc, started)
-                        continue
-                    if kind == "cell":
-                        yield what, result
-                    elif result is not None:  # the group's FP model failed: every cell of it records that
-                        for cell in what:
-                            yield cell, runner.failed_row(cell, result, started=started)
-                    else:
-                        yield from submit_cells(what)
+class _Slot:
+    """One worker process (a single-process pool), replaced when it dies."""
+
+    def __init__(self):
+        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+
+    def submit(self, fn, *args) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def restart(self) -> None:
+        self.close()
+        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayExecutor:

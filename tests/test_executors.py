@@ -141,3 +141,51 @@ def test_ray_missing_names_the_extra(tmp_path, capsys, monkeypatch):
     assert main(["run", *TINY, "--executor", "ray", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"bench: error: {executors.RAY_MISSING}"
     assert not out.exists()
+
+
+CRASH_PLUGIN = """
+    import os
+
+    from bench import hookimpl
+    from bench.api import Method
+    from bench.quant import freeze, quantize_model
+
+
+    class Crash(Method):
+        description = "kills its worker process at 4 bits (a segfault, the OOM killer), quantizes otherwise"
+
+        def quantize(self, model, spec, context):
+            if spec.w_bits == 4:
+                os._exit(1)
+            return freeze(quantize_model(model, spec, keep_fp=context.keep_fp))
+
+
+    @hookimpl
+    def register_methods(register):
+        register("crash", Crash)
+"""
+
+
+def test_pool_worker_killed_fails_only_its_cell(tmp_path, monkeypatch):
+    """--jobs 2: a worker dying mid-cell costs that cell only; the other cells (queued after it too) finish.
+    The plugin is a real installed distribution, so the spawned workers load it from its entry point."""
+    import textwrap
+
+    (tmp_path / "crashplug.py").write_text(textwrap.dedent(CRASH_PLUGIN))
+    info = tmp_path / "crashplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bench]\ncrashplug = crashplug\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from bench import plugins
+
+    monkeypatch.setattr(plugins, "default", plugins.load)
+    out = tmp_path / "run"
+    argv = ["run", "--methods", "crash", "--bits", "4,8", *TINY, "--jobs", "2", "--no-sharpness", "--out", str(out)]
+    assert main(argv) == 1
+    rows = {(r["method"], r["bits"]): r for r in _rows(out)}
+    assert rows[("crash", "W4A32")]["status"] == "failed"
+    assert "BrokenProcessPool" in rows[("crash", "W4A32")]["error"]
+    ok = [k for k, r in rows.items() if r["status"] == "ok"]
+    assert sorted(ok) == [("crash", "W8A32"), ("fp32", "FP32"), ("rtn", "W4A32"), ("rtn", "W8A32")]
