@@ -8,8 +8,9 @@ steps, lrs, ...) matches and the leaderboard compares like with like.
 from dataclasses import dataclass
 from typing import Literal
 
+from bench.methods.zsaq import ZSAQ, ZeroShotConfig
+
 from bench import hookimpl
-from methods.zsaq import ZSAQ, ZeroShotConfig
 
 
 @dataclass(frozen=True)

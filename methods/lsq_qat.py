@@ -8,8 +8,9 @@ alternation -- so the leaderboard isolates what SQuAT's alternating sharpness-aw
 
 from __future__ import annotations
 
+from bench.methods._qat import QATConfig, QATMethod
+
 from bench import hookimpl
-from methods._qat import QATConfig, QATMethod
 
 
 class LSQ(QATMethod):

@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from bench.methods._qat import QATConfig, QATMethod, SQuATUpdate
+
 from bench import hookimpl
-from methods._qat import QATConfig, QATMethod, SQuATUpdate
 
 
 @dataclass(frozen=True)

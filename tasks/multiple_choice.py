@@ -43,13 +43,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from bench.tasks.glue import SST2
+from bench.tasks.lm import PerplexityTask
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bench import hookimpl, hub
 from bench.api import Task, TaskData
-from tasks.glue import SST2
-from tasks.lm import PerplexityTask
 
 Example = tuple[str, list[str], int]  # context, choices (without the delimiter), gold index
 Request = tuple[list[int], list[int]]  # context token ids, continuation token ids

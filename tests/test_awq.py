@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from bench.methods.awq import AWQ, AWQConfig, _row_output_error
+from bench.methods.rtn import RTN
 from tiny import OneLinear, padded_batches, tiny_bert
 from torch import nn
 
@@ -12,8 +14,6 @@ from bench.errors import BenchError
 from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear
 from bench.quant.smoothing import awq_scales
 from bench.quant.uniform import fake_quantize
-from methods.awq import AWQ, AWQConfig, _row_output_error
-from methods.rtn import RTN
 
 
 def _inputs(seed: int, n: int = 512) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_method_end_to_end_on_tiny_bert_beats_rtn(spec):
 
 
 def test_blocks_are_calibrated_on_inputs_from_the_already_quantized_earlier_blocks(monkeypatch):
-    import methods.awq as awq_module
+    import bench.methods.awq as awq_module
 
     recorded = {}
     original = awq_module.collect_inputs

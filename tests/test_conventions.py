@@ -77,3 +77,21 @@ def test_python_dash_m_bench_is_the_bench_command():
     assert "md" in out.stdout and "html" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench", "list", "metrix"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "did you mean 'metrics'" in bad.stderr
+
+
+def test_a_users_own_tasks_py_and_methods_py_do_not_shadow_the_built_ins(tmp_path):
+    """Built-ins install as bench.methods / bench.tasks: a user's tasks.py (invoke, Celery, notebooks) or
+    methods.py in the working directory, first on sys.path, must not hide them."""
+    (tmp_path / "tasks.py").write_text("raise RuntimeError('the user tasks.py was imported')\n")
+    (tmp_path / "methods.py").write_text("raise RuntimeError('the user methods.py was imported')\n")
+    code = (
+        "import warnings; warnings.simplefilter('error');"
+        "from bench import plugins; p = plugins.default();"
+        "print(' '.join(p.methods.names())); print(' '.join(p.tasks.names()))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENCH_STRICT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    methods, tasks = (set(line.split()) for line in out.stdout.splitlines())
+    assert {"fp32", "rtn", "gptq", "awq", "smoothquant", "zsaq", "gan", "lsq", "squat", "prequant"} <= methods
+    assert {"sst2", "cola", "glue", "wikitext2", "c4", "sst2-zs", "hellaswag"} <= tasks

@@ -82,7 +82,7 @@ def test_ray_worker_crash_is_a_failed_row_and_the_grid_goes_on(tmp_path, monkeyp
     "error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()]
 )
 def test_out_of_memory_cell_is_a_failed_row_and_the_grid_goes_on(tmp_path, monkeypatch, caplog, error):
-    from methods.rtn import RTN
+    from bench.methods.rtn import RTN
 
     quantize = RTN.quantize
 
@@ -104,7 +104,7 @@ def test_out_of_memory_cell_is_a_failed_row_and_the_grid_goes_on(tmp_path, monke
 
 
 def test_other_failures_log_their_traceback_with_v(tmp_path, monkeypatch, caplog):
-    from methods.rtn import RTN
+    from bench.methods.rtn import RTN
 
     def explode(self, model, spec, context):
         raise RuntimeError("kernel exploded")

@@ -3,9 +3,9 @@
 from dataclasses import asdict
 
 import pytest
+from bench.tasks.glue import SST2, GlueRecipe
 
 from bench import hub, models
-from tasks.glue import SST2, GlueRecipe
 
 
 def test_killed_finetune_leaves_no_loadable_cache(monkeypatch):

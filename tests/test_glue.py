@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from bench.tasks.glue import TASKS
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.nn import functional as F
@@ -14,7 +15,6 @@ from bench import models, plugins
 from bench.cli import main
 from bench.errors import BenchError
 from bench.runner import expand_groups
-from tasks.glue import TASKS
 
 ALL = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm", "qnli", "rte", "wnli"]
 N_TRAIN, N_DEV = 12, 10

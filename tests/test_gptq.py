@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from bench.methods.gptq import GPTQ, GPTQConfig
 from tiny import tiny_bert
 from torch import nn
 
@@ -9,7 +10,6 @@ from bench.api import MethodContext, QuantSpec
 from bench.quant.gptq import HessianAccumulator, gptq_layer, gptq_quantize, inverse_hessian_cholesky
 from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear, WeightQuantizer, quantize_model
 from bench.quant.uniform import group_view, quantize_int
-from methods.gptq import GPTQ, GPTQConfig
 
 SPECS = {
     "per-channel": QuantSpec(4, granularity="per-channel"),
@@ -205,7 +205,7 @@ def _logit_error(model, reference, batches):
 
 
 def test_end_to_end_bert_closer_to_fp_than_rtn():
-    from methods.rtn import RTN
+    from bench.methods.rtn import RTN
 
     fp = _tiny_bert()
     spec = QuantSpec(3, granularity="per-channel")
@@ -274,7 +274,7 @@ class _Stack(nn.Module):
 
 
 def test_layers_quantized_in_execution_order(monkeypatch):
-    import methods.gptq as plugin
+    import bench.methods.gptq as plugin
 
     order = []
     real = plugin.gptq_layer

@@ -9,16 +9,16 @@ import copy
 
 import pytest
 import torch
+from bench.methods.awq import AWQ
+from bench.methods.gptq import GPTQ
+from bench.methods.rtn import RTN
+from bench.methods.smoothquant import SmoothQuant
 from tiny import OneLinear
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
 from bench.quant import QuantLinear, WeightQuantizer, freeze, quantize_model
 from bench.quant.export import quantize_linear
-from methods.awq import AWQ
-from methods.gptq import GPTQ
-from methods.rtn import RTN
-from methods.smoothquant import SmoothQuant
 
 IN, OUT = 1024, 32
 

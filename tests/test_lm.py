@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from bench.tasks.lm import LMRecipe, WikiText2, perplexity, sliding_windows
 from tiny import tiny_llama
 
 from bench.api import TaskData
 from bench.cli import main
-from tasks.lm import LMRecipe, WikiText2, perplexity, sliding_windows
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 8), (2, 16, 16)])

@@ -3,17 +3,17 @@
 import json
 import math
 
+import bench.tasks.multiple_choice as mc
 import pytest
 import torch
+from bench.tasks.glue import SST2
 from tiny import tiny_llama
 from torch.nn import functional as F
 
-import tasks.multiple_choice as mc
 from bench import hub, plugins
 from bench.api import TaskData
 from bench.cli import main
 from bench.errors import BenchError
-from tasks.glue import SST2
 
 EXAMPLES = [  # contexts and choices of different lengths, so batches are padded
     ("the cat sat on the", ["mat", "moon and the stars", "dog"], 0),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from bench.methods.prequant import PreQuant, PreQuantConfig, outlier_count, select_outliers
 from tiny import padded_batches, tiny_bert
 from torch import nn
 from torch.nn import functional as F
@@ -10,7 +11,6 @@ from bench.api import MethodContext, QuantSpec, TrainingData
 from bench.metrics.size import fp32_size_bytes, size_breakdown
 from bench.quant import DEFAULT_KEEP_FP, OutlierQuantLinear, QuantLinear, WeightQuantizer, freeze
 from bench.quant.kernels import KERNEL_RTOL, OutlierCorrected, kernel_for
-from methods.prequant import PreQuant, PreQuantConfig, outlier_count, select_outliers
 
 
 class _Classify:

@@ -7,12 +7,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from bench.tasks.glue import SST2
+from bench.tasks.lm import LMRecipe, WikiText2
 
 from bench import hookimpl, hub, plugins
 from bench.api import Method, TaskData
 from bench.cli import main
-from tasks.glue import SST2
-from tasks.lm import LMRecipe, WikiText2
 
 BUDGET = [
     f"--set={m}.{k}={v}"

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from bench.methods.rtn import RTN
+from bench.methods.smoothquant import SmoothQuant, SmoothQuantConfig, smooth_model
 from tiny import OneLinear, padded_batches, tiny_bert
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,8 +15,6 @@ from bench.errors import BenchError
 from bench.quant.act_static import StaticActQuantizer, calibrate_static_activations
 from bench.quant.layers import DEFAULT_KEEP_FP, DynamicActQuantizer, QuantLinear, quantize_model
 from bench.quant.smoothing import norm_fed_layers
-from methods.rtn import RTN
-from methods.smoothquant import SmoothQuant, SmoothQuantConfig, smooth_model
 
 # the Linears right after a LayerNorm in BERT (the ones SmoothQuant smooths by default)
 BERT_NORM_FED = (

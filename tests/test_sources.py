@@ -1,10 +1,10 @@
 """Model resolution and the offline SST-2 twin."""
 
 import pytest
+from bench.tasks.glue import SST2
 
 from bench import models
 from bench.errors import BenchError
-from tasks.glue import SST2
 
 
 def test_alias_resolves_to_package_twin_when_hub_is_off():

@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from bench.methods._qat import Distilled, SQuATUpdate, lsq_layers, split_parameters
+from bench.methods.lsq_qat import LSQ
+from bench.methods.squat import SQuAT, SQuATConfig
 from test_prequant import _Classify, _context, _labeled
 from tiny import tiny_bert
 from torch import nn
@@ -13,9 +16,6 @@ from torch import nn
 from bench.api import QuantSpec
 from bench.quant import DEFAULT_KEEP_FP, LSQQuantizer, QuantLinear, quantize_model
 from bench.training import perturb_quantized
-from methods._qat import Distilled, SQuATUpdate, lsq_layers, split_parameters
-from methods.lsq_qat import LSQ
-from methods.squat import SQuAT, SQuATConfig
 
 
 def _setup(bits=2, **config):

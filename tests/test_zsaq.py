@@ -5,6 +5,16 @@ import json
 
 import pytest
 import torch
+from bench.methods.gan_zeroshot import GanZeroShot
+from bench.methods.zsaq import (
+    ZSAQ,
+    ZeroShotConfig,
+    discrepancy,
+    load_generator,
+    resolve_preset,
+    soft_embeddings,
+    vocab_map,
+)
 from transformers import AutoTokenizer
 
 from bench import hub
@@ -12,8 +22,6 @@ from bench.api import MethodContext, QuantSpec
 from bench.cli import main
 from bench.quant import DEFAULT_KEEP_FP, QuantLinear, quantize_model
 from bench.quant.lsq import LSQQuantizer
-from methods.gan_zeroshot import GanZeroShot
-from methods.zsaq import ZSAQ, ZeroShotConfig, discrepancy, load_generator, resolve_preset, soft_embeddings, vocab_map
 from tests.tiny import tiny_bert, tiny_llama
 
 SPEC = QuantSpec(2, 8)
@@ -156,7 +164,7 @@ def test_bench_run_zsaq_and_gan_rows_are_zero_shot_w2a8(tmp_path):
 
 
 def test_generator_objective_adds_the_entropy_of_the_teachers_batch_mean_prediction(tokenizer):
-    from methods.zsaq import generator_objective
+    from bench.methods.zsaq import generator_objective
 
     teacher = _teacher().requires_grad_(False)
     student = quantize_model(copy.deepcopy(teacher), SPEC).requires_grad_(False)
@@ -173,7 +181,7 @@ def _watch_sam(monkeypatch) -> list[tuple[list, list, list]]:
     """Spy on zsaq's SAM step. At each of its loss evaluations and once after it, record per QuantLinear of
     the student: what its forward reads (``quantized_weight()``), its latent weight w, and Q(w) by its own
     quantizer (what a forward that re-rounds would read)."""
-    import methods.zsaq as zsaq
+    import bench.methods.zsaq as zsaq
 
     students, records = [], []
     real_quantize_model, real_sam_step = zsaq.quantize_model, zsaq.sam_step
