@@ -1,6 +1,6 @@
 """FP32 vs int8 vs int4 latency on real CPU kernels, and the packed size, in one run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/kernels.py [--threads 2] [--skip-smollm]
+    HF_HUB_OFFLINE=1 python benchmarks/kernels.py [--threads 2] [--skip-minilm] [--skip-smollm]
 
 Quantizes with bench.quant.layers.quantize_model + freeze (RTN, symmetric), builds the latency model
 (bench.quant.kernels.build_latency_model) and times it with bench.metrics.latency (warm-up, p50/p90).
@@ -31,6 +31,8 @@ VARIANTS = {
     "W8 per-channel": QuantSpec(8, granularity="per-channel"),
     "W4 g128": QuantSpec(4, granularity="per-group", group_size=128),
     "W3 g128": QuantSpec(3, granularity="per-group", group_size=128),
+    "W8A8 per-channel": QuantSpec(8, a_bits=8),  # per-token A8: int8-gemm, activation codes split in two
+    "W4A8 per-channel": QuantSpec(4, a_bits=8),  # int8-gemm, one GEMM
 }
 
 
@@ -100,6 +102,42 @@ def linear_stack(args):
     )
 
 
+def minilm(args):
+    """The default encoder, one 128-token sequence: FP32 beside the WxA8 rows (int8-gemm); weight-only in DESIGN.md."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, logging
+
+    from bench.models import resolve
+
+    logging.set_verbosity_error()  # the random head's "newly initialized" warning
+    torch.manual_seed(0)
+    model = resolve("minilm").from_pretrained(AutoModelForSequenceClassification, num_labels=2).eval()
+    batch = token_inputs(128, model.config.vocab_size)
+    fp32_bytes = fp32_size_bytes(model)
+
+    def times(net):
+        return {"1 x 128": latency_of_model(net, batch, warmup=3, repeats=args.model_repeats, threads=args.threads)}
+
+    _header(f"MiniLM-L6 forward (classifier FP32), {args.threads} threads", ["1 x 128"])
+    base = times(model)
+    _row("FP32", "fp32", fp32_bytes, fp32_bytes, base, None)
+    for name, spec in VARIANTS.items():
+        if not spec.a_bits:
+            continue  # short to run: the weight-only kernels are on the Linear stack and SmolLM2
+        q = _quantized(model, spec, keep_fp=("classifier",))
+        nbytes = size_bytes(q)
+        with torch.inference_mode():  # the encoder's output: the random head's logits are near 0
+            ref = q.bert(**batch).last_hidden_state
+        fast, kernels = build_latency_model(q, inplace=True)
+        with torch.inference_mode():
+            err = ((fast.bert(**batch).last_hidden_state - ref).norm() / ref.norm()).item()
+        _row(name, kernel_label(kernels), nbytes, fp32_bytes, times(fast), base)
+        print(f"    last hidden state rel. error vs fake-quant {err:.1e} (codes at a rounding boundary flip)")
+        del q, fast
+
+
 def smollm(args):
     import os
 
@@ -134,8 +172,8 @@ def smollm(args):
     _row("FP32", "fp32", fp32_bytes, fp32_bytes, base, None)
     check = inputs["128 tok"]
     for name, spec in VARIANTS.items():
-        if spec.w_bits == 3:
-            continue  # simulated: FP32 speed by construction, shown on the Linear stack
+        if spec.w_bits == 3 or spec.a_bits:
+            continue  # W3: simulated (FP32 speed, see the Linear stack); WxA8: shown on MiniLM and the stack
         q = _quantized(model, spec, keep_fp)
         nbytes = size_bytes(q)
         with torch.inference_mode():
@@ -159,11 +197,14 @@ def main():
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=4, help="Linear layers in the stack")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per Linear-stack figure")
-    parser.add_argument("--model-repeats", type=int, default=10, help="timed calls per SmolLM2 1-token figure")
+    parser.add_argument("--model-repeats", type=int, default=10, help="timed calls per model figure")
+    parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-smollm", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     linear_stack(args)
+    if not args.skip_minilm:
+        minilm(args)
     if not args.skip_smollm:
         smollm(args)
 

@@ -121,7 +121,7 @@ def test_grid_maps_onto_kernel_format_exactly(bits, granularity, symmetric):
         (QuantSpec(4), 24, 64, "out_features must be a multiple of 16"),
         (QuantSpec(8, granularity="per-group", group_size=32), 32, 64, "int8 kernel is per-channel only"),
         (QuantSpec(8), 32, 40, "int8 kernel crashes unless in_features % 16 == 0"),
-        (QuantSpec(8, a_bits=8), 32, 64, "activation quantization has no matching kernel"),
+        (QuantSpec(8, a_bits=8, granularity="per-group", group_size=32), 32, 64, "int8 GEMM: one scale per row"),
     ],
 )
 def test_layers_without_a_kernel_stay_simulated_and_exact(spec, out, cols, why):
