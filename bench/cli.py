@@ -12,8 +12,6 @@ import logging
 import os
 import sys
 import warnings
-from datetime import datetime
-from pathlib import Path
 
 from bench import __version__
 from bench.errors import BenchError, unknown
@@ -22,8 +20,6 @@ log = logging.getLogger("bench")
 
 BITS_CHOICES = range(2, 9)
 FLOAT_ACTIVATIONS = ("32", "float", "none")  # --act-bits values that keep activations in float
-RESULTS_ROOT = Path("results")
-RUN_FORMATS = ("md", "csv", "json", "html", "png")
 
 
 # --------------------------------------------------------------------------- value parsing
@@ -72,38 +68,26 @@ def parse_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 
 
 def cmd_run(args) -> int:
-    from bench import plugins as plugin_mod
-    from bench import provenance
-    from bench.executors import make_executor
-    from bench.leaderboard import build, collect
-    from bench.models import ALIASES
-    from bench.results import ResultStore
-    from bench.runner import GridRequest, Runner, SharpnessSettings, plan
+    from bench.runner import RUN_FORMATS, run
 
-    plugins = plugin_mod.default()
-    alias = ALIASES.get(args.model.lower())
-    decoder = bool(alias and alias.kind == "decoder")
-    default_task = "wikitext2" if decoder else "sst2"
-    # the papers' conventions: per-channel weights for BERT-style encoders, groups of 128 for decoders
-    granularity = args.granularity or ("per-group" if decoder else "per-channel")
     if args.act_bits is None:
-        act_bits = ["auto"]
+        act_bits = "auto"
     elif args.act_bits.strip().lower() in FLOAT_ACTIVATIONS:
-        act_bits = [None]
+        act_bits = None
     else:
-        act_bits = int_list(args.act_bits, "--act-bits", BITS_CHOICES, extra=FLOAT_ACTIVATIONS)
-    if len(act_bits) > 1:
-        raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
-    if args.limit is not None and args.limit < 1:
-        raise BenchError(f"--limit {args.limit}: must be a positive number of examples")
-    request = GridRequest(
-        methods=comma_list(args.methods, "--methods"),
+        (act_bits, *more) = int_list(args.act_bits, "--act-bits", BITS_CHOICES, extra=FLOAT_ACTIVATIONS)
+        if more:
+            raise BenchError("--act-bits takes one value (run the grid once per activation bit-width)")
+    result = run(
+        methods=comma_list(args.methods, "--methods") if args.methods else None,
         bits=int_list(args.bits, "--bits", BITS_CHOICES),
-        tasks=comma_list(args.tasks or default_task, "--tasks"),
+        tasks=comma_list(args.tasks, "--tasks") if args.tasks else None,
         seeds=int_list(args.seeds, "--seeds"),
         model=args.model,
-        act_bits=act_bits[0],
-        granularity=granularity,
+        out=args.out,
+        name=args.name,
+        act_bits=act_bits,
+        granularity=args.granularity,
         group_size=args.group_size,
         symmetric=not args.asymmetric,
         narrow=args.narrow_grid,
@@ -113,54 +97,28 @@ def cmd_run(args) -> int:
         reference=not args.no_reference,
         baseline=not args.no_baseline,
         data_dir=args.data_dir,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        skip_damaged=args.skip_damaged,
+        latency=not args.no_latency,
+        sharpness=not args.no_sharpness,
+        rho=args.rho,
+        hessian=args.hessian,
+        device=args.device,
+        executor=args.executor,
+        jobs=args.jobs,
+        ray_address=args.ray_address,
+        ray_cpus_per_cell=args.ray_cpus_per_cell,
+        echo=lambda line: print(line, file=sys.stderr),
     )
-    cells, resolved = plan(request, plugins)
-    executor = make_executor(
-        args.executor, jobs=args.jobs, ray_address=args.ray_address, ray_cpus_per_cell=args.ray_cpus_per_cell
-    )
-    if hasattr(executor, "check"):
-        executor.check()  # e.g. the Ray install hint, an unreachable --ray-address: before anything is written
-    out = Path(args.out) if args.out else RESULTS_ROOT / (args.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    store = ResultStore(out, skip_damaged=args.skip_damaged)
-    if store.path.exists():
-        store.rows()  # a corrupt results file is reported before any work starts
-    device = args.device or _default_device()
-    curvature = None if args.no_sharpness else SharpnessSettings(rho=args.rho, hessian=args.hessian)
-    runner = Runner(
-        plugins, store, resolved, device, latency=not args.no_latency, sharpness=curvature, data_dir=request.data_dir
-    )
-    runner.preload(runner.pending(cells, force=args.force, retry_failed_only=args.retry_failed))
-    with store.lock():
-        meta = store.meta()
-        planned = sorted(set(meta.get("planned", [])) | {c.key for c in cells})
-        store.write_meta(
-            {
-                **meta,
-                "planned": planned,
-                "last_command": provenance.command_line(),
-                "created": meta.get("created", datetime.now().isoformat(timespec="seconds")),
-            }
-        )
-        print(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})", file=sys.stderr)
-        counts = runner.run(cells, force=args.force, retry_failed_only=args.retry_failed, executor=executor)
-        ok, failed = collect([str(out)], skip_damaged=args.skip_damaged)
-        board = build(ok, failed, [str(out)])
-        for fmt in RUN_FORMATS:
-            text = plugins.reporters.get(fmt)(board, out / f"leaderboard.{fmt}")
-            if fmt == "md":
-                print(text)
+    print((result.out / "leaderboard.md").read_text())
+    counts = result.counts
     print(
         f"cells: {counts['planned']} planned, {counts['skipped']} skipped (done), {counts['ok']} ok, "
-        f"{counts['failed']} failed; leaderboard in {out}/leaderboard.{{{','.join(RUN_FORMATS)}}}",
+        f"{counts['failed']} failed; leaderboard in {result.out}/leaderboard.{{{','.join(RUN_FORMATS)}}}",
         file=sys.stderr,
     )
     return 1 if counts["failed"] else 0
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_list(args) -> int:
@@ -223,25 +181,13 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-def _latest_run_dir() -> str:
-    runs = [p for p in RESULTS_ROOT.glob("*") if (p / "results.jsonl").exists()] if RESULTS_ROOT.is_dir() else []
-    if not runs:
-        raise BenchError("no run dir given and none found under results/; pass RUN_DIR")
-    return str(max(runs, key=lambda p: (p / "results.jsonl").stat().st_mtime))
-
-
 def cmd_leaderboard(args) -> int:
+    from bench import leaderboard
     from bench import plugins as plugin_mod
-    from bench.leaderboard import build, collect
 
-    reporters = plugin_mod.default().reporters
-    render = reporters.get(args.format)
-    fmt = reporters.entry(args.format).name
-    run_dirs = args.run_dirs or [_latest_run_dir()]
-    ok, failed = collect(run_dirs, skip_damaged=args.skip_damaged)
-    board = build(ok, failed, run_dirs)
-    path = Path(args.output) if args.output else Path(run_dirs[0]) / f"leaderboard.{fmt}"
-    text = render(board, path)
+    fmt = plugin_mod.default().reporters.entry(args.format).name  # an unknown format fails before anything is read
+    board = leaderboard.load(args.run_dirs, skip_damaged=args.skip_damaged)
+    path, text = board.write(fmt, args.output)
     if text is not None and fmt != "html":
         print(text)
     written = path.parent / f"{path.stem}-*.png" if fmt == "png" else path
@@ -295,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN_DIR/results.jsonl; cells already done are skipped, so re-running resumes. An FP32 reference cell "
         "is added per task and seed. Prints the leaderboard at the end.",
     )
-    run.add_argument("--methods", default="rtn", help="comma list of methods (see `bench list methods`); default rtn")
+    run.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of methods (see `bench list methods`); default: the baseline method (rtn)",
+    )
     run.add_argument("--bits", default="4,8", help="comma list of weight bit-widths, integers 2..8; default 4,8")
     run.add_argument(
         "--act-bits",

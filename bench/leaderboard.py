@@ -7,14 +7,19 @@ into files; the table itself is built once, here.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 
 from bench import provenance
-from bench.results import ResultStore
+from bench.errors import BenchError
+from bench.results import ResultStore, latest_run_dir
 
 PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
@@ -39,6 +44,23 @@ class Leaderboard:
     failed: list[dict]
     notes: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    run_dirs: list[str] = field(default_factory=list)
+
+    def write(self, fmt: str = "md", path: str | os.PathLike | None = None, *, plugins=None) -> tuple[Path, str | None]:
+        """Render this table with the reporter plugin of ``fmt`` (md, csv, json, html, latex, png, or one an outside
+        plugin adds) to ``path`` (default: ``leaderboard.FORMAT`` in the first run dir); returns the path and the
+        text the reporter returned (None for binary formats)."""
+        from bench import plugins as plugin_mod
+
+        reporters = (plugins or plugin_mod.default()).reporters
+        render = reporters.get(fmt)
+        name = reporters.entry(fmt).name
+        if path is None:
+            if not self.run_dirs:
+                raise BenchError(f"a leaderboard of no run dir needs a path to write {name} to")
+            path = Path(self.run_dirs[0]) / f"leaderboard.{name}"
+        path = Path(path)
+        return path, render(self, path)
 
     def flat_columns(self) -> list[str]:
         return [f"{bits} {column}" for bits, column in self.table.columns]
@@ -123,11 +145,18 @@ def collect(run_dirs: list[str], *, skip_damaged: bool = False) -> tuple[list[di
     return ok, failed
 
 
+def load(run_dirs: list[str | os.PathLike] | None = None, *, skip_damaged: bool = False) -> Leaderboard:
+    """The leaderboard of one or more run dirs (default: the newest under results/), newest row per cell."""
+    run_dirs = [str(d) for d in run_dirs] if run_dirs else [str(latest_run_dir())]
+    ok, failed = collect(run_dirs, skip_damaged=skip_damaged)
+    return build(ok, failed, run_dirs)
+
+
 def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str] | None = None) -> Leaderboard:
     failed = failed or []
     if not rows:
         empty = pd.DataFrame()
-        board = Leaderboard(empty, empty, empty, empty, [], failed)
+        board = Leaderboard(empty, empty, empty, empty, [], failed, run_dirs=list(run_dirs or []))
         board.notes.append("no finished cells yet")
         board.provenance = _provenance(rows, run_dirs)
         return board
@@ -220,7 +249,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
         columns=pd.MultiIndex.from_tuples(columns, names=["bits", "column"]),
     )
-    board = Leaderboard(table, means, stds, counts, rows, failed)
+    board = Leaderboard(table, means, stds, counts, rows, failed, run_dirs=list(run_dirs or []))
     board.notes = _notes(rows, failed)
     if duplicated.any():
         board.notes.append(
@@ -397,3 +426,15 @@ def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
         "commands": "; ".join(sorted({r.get("command") or "?" for r in rows})) or "-",
         "rendered": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+class _CallableModule(types.ModuleType):
+    """``bench.leaderboard(run_dirs)`` is ``load(run_dirs)``. Importing a submodule sets it as its package's
+    attribute, so a function named ``bench.leaderboard`` would be replaced by this module on first import; the
+    module itself is therefore the callable, and ``from bench.leaderboard import Leaderboard`` works as before."""
+
+    def __call__(self, run_dirs: list[str | os.PathLike] | None = None, *, skip_damaged: bool = False) -> Leaderboard:
+        return load(run_dirs, skip_damaged=skip_damaged)
+
+
+sys.modules[__name__].__class__ = _CallableModule

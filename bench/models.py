@@ -7,6 +7,7 @@ which source was actually used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -132,6 +133,37 @@ def resolve(name: str) -> ResolvedModel:
         f"unknown model '{name}'{did_you_mean(key, ALIASES)}; choose from: {', '.join(ALIASES)}, "
         "a hub id (org/name) or a local model directory"
     )
+
+
+def with_kind(model: ResolvedModel) -> ResolvedModel:
+    """``model`` with its kind ("encoder" / "decoder") read from its config when resolving could not tell (a hub
+    id or a local directory): the architectures it was saved with, else its model type's auto classes. The kind
+    stays "unknown" when the config says neither (or cannot be read)."""
+    if model.kind != "unknown":
+        return model
+    try:
+        from transformers import AutoConfig
+
+        config = model.from_pretrained(AutoConfig)
+    except Exception as exc:  # noqa: BLE001 - an unreadable config only means: the kind is unknown
+        log.warning("cannot read the config of %s to tell its kind: %s", model.name, exc)
+        return model
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return model  # T5-style: neither kind
+    if any(arch.endswith("ForCausalLM") for arch in config.architectures or ()):
+        kind = "decoder"
+    elif config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # BERT-style (BERT also has a causal LM head class)
+        kind = "encoder"
+    elif config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "decoder"
+    else:
+        return model
+    return dataclasses.replace(model, kind=kind)
 
 
 # --------------------------------------------------------------------------- fine-tuned FP cache

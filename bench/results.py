@@ -25,6 +25,7 @@ from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
 
+RESULTS_ROOT = Path("results")  # where run dirs go by default: results/<name or timestamp>
 RESULTS = "results.jsonl"
 RUN_META = "run.json"
 LOCK = ".lock"
@@ -155,6 +156,14 @@ class ResultStore:
 
     def done_keys(self) -> set[str]:
         return {key for key, row in self.latest().items() if row.get("status") == "ok"}
+
+
+def latest_run_dir(root: Path = RESULTS_ROOT) -> Path:
+    """The run dir under ``root`` whose results were written last."""
+    runs = [p for p in root.glob("*") if (p / RESULTS).exists()] if root.is_dir() else []
+    if not runs:
+        raise BenchError(f"no run dir given and none found under {root}/; pass RUN_DIR")
+    return max(runs, key=lambda p: (p / RESULTS).stat().st_mtime)
 
 
 def _json_or_none(line: bytes):

@@ -14,26 +14,30 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from bench import models, provenance
 from bench.api import MethodContext, QuantSpec, TrainingData, apply_overrides
-from bench.errors import PluginError, unknown
+from bench.errors import BenchError, PluginError, unknown
+from bench.leaderboard import Leaderboard
+from bench.leaderboard import load as load_leaderboard
 from bench.metrics.cost import MethodMeter
 from bench.metrics.latency import model_latency, token_inputs
 from bench.metrics.sharpness import hessian_top_eig, hessian_trace, mean_loss, sharpness
 from bench.metrics.size import fp32_size_bytes, size_bytes
 from bench.plugins import Plugins
 from bench.quant import DEFAULT_KEEP_FP, summarize
-from bench.results import ResultStore
+from bench.results import RESULTS_ROOT, ResultStore
 from bench.training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -106,17 +110,25 @@ class Cell:
         )
 
 
+BITS = range(2, 9)  # weight and activation bit-widths every method's grid supports
+# the papers' conventions for a model kind: groups of 128 for decoders, per-channel weights for BERT-style encoders
+KIND_GRANULARITY = {"decoder": "per-group"}
+DEFAULT_GRANULARITY = "per-channel"
+KIND_DEFAULT_TASK = {"encoder": "sst2", "decoder": "wikitext2"}
+
+
 @dataclass
 class GridRequest:
-    """What the user asked for on the command line, before validation."""
+    """What the user asked for, before validation. ``None`` means: the default, decided by ``plan`` once the model
+    is resolved and its kind known (methods: the baseline method; tasks and granularity: by the model's kind)."""
 
-    methods: list[str]
-    bits: list[int]
-    tasks: list[str]
-    seeds: list[int]
+    methods: list[str] | None = None
+    bits: list[int] = field(default_factory=lambda: [4, 8])
+    tasks: list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
     model: str = models.DEFAULT_MODEL
     act_bits: int | str | None = "auto"  # "auto": the methods' paper setting (Method.default_act_bits)
-    granularity: str = "per-channel"
+    granularity: str | None = None
     group_size: int = 128
     symmetric: bool = True
     narrow: bool = False  # the 2^b - 1 level symmetric grid, only when asked for
@@ -137,9 +149,17 @@ def role_method(plugins: Plugins, role: str) -> str | None:
 
 
 def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.ResolvedModel]:
-    """Validate every name and setting and expand the grid; nothing is loaded or written here."""
-    methods = [plugins.methods.entry(m).name for m in request.methods]
-    tasks = expand_groups(plugins, request.tasks)
+    """Validate every name and setting and expand the grid; nothing is loaded or written here.
+
+    The model is resolved first, so that the defaults of its kind (task, weight granularity) follow what the model
+    is, whatever name it was given by (an alias, a hub id, a local directory)."""
+    _check_numbers(request)
+    methods = [plugins.methods.entry(m).name for m in request.methods or _default_methods(plugins)]
+    resolved = models.resolve(request.model)
+    if request.tasks is None or request.granularity is None:
+        resolved = models.with_kind(resolved)
+    tasks = expand_groups(plugins, request.tasks or _default_tasks(resolved))
+    granularity = request.granularity or KIND_GRANULARITY.get(resolved.kind, DEFAULT_GRANULARITY)
     scopes = set(methods) | set(tasks) | {TASK_SCOPE}
     for scope in request.settings:
         if scope not in scopes:
@@ -151,7 +171,6 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     variants = {m: _variant(plugins.methods.get(m).Config(), configs[m]) for m in methods}
     _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
-    resolved = models.resolve(request.model)
     act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
     reference = role_method(plugins, "reference")
     baseline = role_method(plugins, "baseline") if request.baseline else None
@@ -159,7 +178,7 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
         QuantSpec(
             b,
             act_bits,
-            request.granularity,
+            granularity,
             request.group_size,
             request.symmetric,
             request.embeddings,
@@ -190,6 +209,37 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
                 extra = [Cell(baseline, default, spec, **common) for spec in specs]
                 cells.extend(c for c in extra if c.key not in {k.key for k in cells})
     return cells, resolved
+
+
+def _check_numbers(request: GridRequest) -> None:
+    """The numbers of a request that no plugin decides: bit-widths, the evaluation cap, duplicates."""
+    for option, values in (("--bits", request.bits), ("--seeds", request.seeds)):
+        if len(set(values)) != len(values):
+            raise BenchError(f"{option} {list(values)}: a value is listed twice")
+    for b in [*request.bits, *([request.act_bits] if isinstance(request.act_bits, int) else [])]:
+        if b not in BITS:
+            raise BenchError(f"bits: {b} is out of range; choose from {min(BITS)}..{max(BITS)}")
+    if not request.bits or not request.seeds:
+        raise BenchError("a grid needs at least one bit-width and one seed")
+    if request.limit is not None and request.limit < 1:
+        raise BenchError(f"--limit {request.limit}: must be a positive number of examples")
+
+
+def _default_methods(plugins: Plugins) -> list[str]:
+    """No methods asked for: the baseline (plain rounding), the one quantized row every table has."""
+    baseline = role_method(plugins, "baseline")
+    if baseline is None:
+        raise BenchError("no methods given and no installed method is the baseline; pass methods")
+    return [baseline]
+
+
+def _default_tasks(model: models.ResolvedModel) -> list[str]:
+    """No tasks asked for: the default task of the model's kind."""
+    if model.kind not in KIND_DEFAULT_TASK:
+        raise BenchError(
+            f"model '{model.name}' is neither a known encoder nor a decoder (kind {model.kind!r}); name its tasks"
+        )
+    return [KIND_DEFAULT_TASK[model.kind]]
 
 
 def _act_bits(requested: int | str | None, method_classes: list) -> int | None:
@@ -527,6 +577,176 @@ class Runner:
             "device": self.device,
             "command": self.command,
         }
+
+
+RUN_FORMATS = ("md", "csv", "json", "html", "png")  # the leaderboard files every run writes into its run dir
+
+
+@dataclass
+class RunResult:
+    """What ``run`` returns: where the run lives, its cells, what happened to them, their rows and the table."""
+
+    out: Path
+    cells: list[Cell]
+    model: models.ResolvedModel
+    counts: dict[str, int]  # planned, skipped (already done), ok, failed
+    rows: list[dict]  # the newest row of every planned cell (ok and failed), in plan order
+    board: Leaderboard  # the run dir's whole leaderboard (earlier cells of the same dir included)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r.get("status") != "ok"]
+
+
+def run(
+    methods: str | list[str] | None = None,
+    bits: int | list[int] = (4, 8),
+    tasks: str | list[str] | None = None,
+    model: str = models.DEFAULT_MODEL,
+    seeds: int | list[int] = (0,),
+    out: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    act_bits: int | str | None = "auto",
+    granularity: str | None = None,
+    group_size: int = 128,
+    symmetric: bool = True,
+    narrow: bool = False,
+    embeddings: bool = False,
+    settings: dict | None = None,
+    limit: int | None = None,
+    reference: bool = True,
+    baseline: bool = True,
+    data_dir: str | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    skip_damaged: bool = False,
+    latency: bool = True,
+    sharpness: bool = True,
+    rho: float = 0.05,
+    hessian: bool = False,
+    device: str | None = None,
+    executor: str = "local",
+    jobs: int | None = None,
+    ray_address: str | None = None,
+    ray_cpus_per_cell: float = 1,
+    formats: tuple[str, ...] = RUN_FORMATS,
+    plugins: Plugins | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Plan the grid methods x bits x tasks x seeds on ``model``, run the cells not yet done into ``out``
+    (default ``results/<name or timestamp>``), write the leaderboard files and return the rows and the table.
+
+    What ``bench run`` does, option for option (``bench run --help``): names may be lists or comma strings,
+    ``settings`` maps ``"scope.field"`` (or ``scope -> {field: value}``) to values (``{"rtn.clip": "mse"}``),
+    ``act_bits`` is "auto", None (float activations) or 2..8. ``None`` for methods, tasks and granularity means
+    the defaults (the baseline method; the task and granularity of the model's kind). A bad name or value raises
+    ``BenchError`` before anything is written; a cell that fails is a failed row and the grid goes on.
+    ``echo`` receives the one-line announcements ``bench run`` prints (default: the log, at INFO).
+    """
+    from bench import plugins as plugin_mod
+    from bench.executors import make_executor
+
+    plugins = plugins or plugin_mod.default()
+    echo = echo or log.info
+    request = GridRequest(
+        methods=_names(methods),
+        bits=_numbers(bits),
+        tasks=_names(tasks),
+        seeds=_numbers(seeds),
+        model=model,
+        act_bits=act_bits,
+        granularity=granularity,
+        group_size=group_size,
+        symmetric=symmetric,
+        narrow=narrow,
+        embeddings=embeddings,
+        settings=_settings(settings),
+        limit=limit,
+        reference=reference,
+        baseline=baseline,
+        data_dir=data_dir,
+    )
+    cells, resolved = plan(request, plugins)
+    pool = make_executor(executor, jobs=jobs, ray_address=ray_address, ray_cpus_per_cell=ray_cpus_per_cell)
+    if hasattr(pool, "check"):
+        pool.check()  # e.g. the Ray install hint, an unreachable --ray-address: before anything is written
+    out = Path(out) if out else RESULTS_ROOT / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    store = ResultStore(out, skip_damaged=skip_damaged)
+    if store.path.exists():
+        store.rows()  # a corrupt results file is reported before any work starts
+    runner = Runner(
+        plugins,
+        store,
+        resolved,
+        device or _default_device(),
+        latency=latency,
+        sharpness=SharpnessSettings(rho=rho, hessian=hessian) if sharpness else None,
+        data_dir=data_dir,
+    )
+    runner.preload(runner.pending(cells, force=force, retry_failed_only=retry_failed))
+    with store.lock():
+        meta = store.meta()
+        store.write_meta(
+            {
+                **meta,
+                "planned": sorted(set(meta.get("planned", [])) | {c.key for c in cells}),
+                "last_command": provenance.command_line(),
+                "created": meta.get("created", datetime.now().isoformat(timespec="seconds")),
+            }
+        )
+        echo(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})")
+        counts = runner.run(cells, force=force, retry_failed_only=retry_failed, executor=pool)
+        board = load_leaderboard([str(out)], skip_damaged=skip_damaged)
+        for fmt in formats:
+            board.write(fmt, out / f"leaderboard.{fmt}", plugins=plugins)
+    latest = store.latest()
+    rows = [latest[c.key] for c in cells if c.key in latest]
+    return RunResult(out, cells, resolved, counts, rows, board)
+
+
+def _names(value: str | list[str] | None) -> list[str] | None:
+    """'rtn,gptq' or ['rtn', 'gptq'] -> ['rtn', 'gptq']; None stays None (the default)."""
+    if value is None:
+        return None
+    items = [part.strip() for part in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    if not all(items):
+        raise BenchError(f"{value!r}: empty name in the list")
+    return items
+
+
+def _numbers(value: int | list[int]) -> list[int]:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _settings(settings: dict | None) -> dict[str, dict[str, str]]:
+    """{"rtn.clip": "mse"} or {"rtn": {"clip": "mse"}} -> {"rtn": {"clip": "mse"}}, values as the CLI would type
+    them (so one converter turns them into each field's declared type)."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict):
+            for field_name, raw in value.items():
+                out.setdefault(key.lower(), {})[field_name] = _raw(raw)
+            continue
+        scope, dot, field_name = key.partition(".")
+        if not dot or not scope or not field_name:
+            raise BenchError(f"setting {key!r}: expected 'SCOPE.FIELD' (scope: a method, a task, or task)")
+        out.setdefault(scope.lower(), {})[field_name] = _raw(value)
+    return out
+
+
+def _raw(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 LABEL_KEYS = ("labels", "label")
