@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from bench.errors import BenchError, unknown
+from bench.hashing import digest
 
 DataUsed = Literal["none", "calibration", "labeled"]
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
@@ -282,14 +283,23 @@ class TaskData:
 
     def fingerprint(self, split: str | None = None) -> str:
         """Hash of the exact contents (of one split, or all): a changed dataset never reuses a stale fine-tune."""
-        import hashlib
-        import json
-
-        payload = json.dumps(self.splits[split] if split else self.splits, sort_keys=True, default=str).encode()
-        return hashlib.sha256(payload).hexdigest()[:16]
+        return digest(self.splits[split] if split else self.splits, length=16)
 
 
 # --------------------------------------------------------------------------- typed overrides
+
+
+def check_range(config: Any, low: float, high: float | None = None, *names: str) -> None:
+    """For a settings class's ``__post_init__``: ``ValueError("FIELD=VALUE: must be ...")`` for the first of
+    ``names`` outside ``low``..``high`` (``high`` None: no upper bound; a None value passes, it means "the default").
+    The grid reports it, naming the plugin, before any cell runs (``bench.grid.configured``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or (value >= low and (high is None or value <= high)):
+            continue
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name}={value!r}: must be {bound}")
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

@@ -11,15 +11,34 @@ import json
 import logging
 import os
 import sys
-import warnings
 
-from bench import __version__
+from bench import __version__, logs
 from bench.errors import BenchError, unknown
 
 log = logging.getLogger("bench")
 
 BITS_CHOICES = range(2, 9)
 FLOAT_ACTIVATIONS = ("32", "float", "none")  # --act-bits values that keep activations in float
+# `bench run` options that reach bench.runner.run unchanged, under their own name
+SAME_NAME = (
+    "model",
+    "out",
+    "name",
+    "granularity",
+    "group_size",
+    "limit",
+    "data_dir",
+    "force",
+    "retry_failed",
+    "skip_damaged",
+    "rho",
+    "hessian",
+    "device",
+    "executor",
+    "jobs",
+    "ray_address",
+    "ray_cpus_per_cell",
+)
 
 
 # --------------------------------------------------------------------------- value parsing
@@ -83,32 +102,16 @@ def cmd_run(args) -> int:
         bits=int_list(args.bits, "--bits", BITS_CHOICES),
         tasks=comma_list(args.tasks, "--tasks") if args.tasks else None,
         seeds=int_list(args.seeds, "--seeds"),
-        model=args.model,
-        out=args.out,
-        name=args.name,
         act_bits=act_bits,
-        granularity=args.granularity,
-        group_size=args.group_size,
+        settings=parse_settings(args.set),
         symmetric=not args.asymmetric,
         narrow=args.narrow_grid,
         embeddings=args.quantize_embeddings,
-        settings=parse_settings(args.set),
-        limit=args.limit,
         reference=not args.no_reference,
         baseline=not args.no_baseline,
-        data_dir=args.data_dir,
-        force=args.force,
-        retry_failed=args.retry_failed,
-        skip_damaged=args.skip_damaged,
         latency=not args.no_latency,
         sharpness=not args.no_sharpness,
-        rho=args.rho,
-        hessian=args.hessian,
-        device=args.device,
-        executor=args.executor,
-        jobs=args.jobs,
-        ray_address=args.ray_address,
-        ray_cpus_per_cell=args.ray_cpus_per_cell,
+        **{option: getattr(args, option) for option in SAME_NAME},
         echo=lambda line: print(line, file=sys.stderr),
     )
     print((result.out / "leaderboard.md").read_text())
@@ -392,25 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bench").setLevel(level)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    if verbosity == 0:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    logs.setup(logs.level_of(args.verbose))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

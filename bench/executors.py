@@ -1,13 +1,14 @@
 """Where cells run: in this process (``local``), in a local process pool (``--jobs N``), or as Ray tasks.
 
-An executor takes the pending cells grouped by shared FP model (``runner.group_cells``) and yields
-``(cell, row)`` pairs as rows become ready; the Runner's driver loop appends each one to the result store.
+An executor takes the pending cells grouped by shared FP model (``bench.grid.group_cells``) and a
+``bench.cell.CellRunner``, and yields ``(cell, row)`` pairs as rows become ready; the driver (``bench.runner``)
+appends each one to the result store.
 Workers never write ``results.jsonl``: one writer means no interleaved lines across processes or hosts,
 and the store's crash guarantees (atomic appends, resume by key) hold unchanged.
 
 A worker rebuilds everything from plain, picklable data (a ``WorkerSpec`` and ``Cell``s): plugins from
 entry points, the model by name, the task data, the FP model from the on-disk fine-tune cache. It then
-runs the very ``Runner.prepare`` / ``Runner._run_group`` code the local executor runs, so rows cannot
+runs the very ``CellRunner.prepare`` / ``CellRunner.run_group`` code the local executor runs, so rows cannot
 drift between executors. Plugins registered in-process only (tests) are invisible to worker processes.
 """
 
@@ -17,9 +18,7 @@ import logging
 import os
 import pickle
 import socket
-import sys
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -27,10 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from bench import hub
+from bench import hub, logs
+from bench.cell import CellRunner, Rows, SharpnessSettings
 from bench.errors import BenchError, unknown
+from bench.grid import Cell
 from bench.models import ResolvedModel
-from bench.runner import Cell, Runner, SharpnessSettings, _now
+from bench.provenance import now
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,10 @@ CARRIED_ENV = ("QUANTBENCH_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_
 WORKER_ENV = {"TQDM_DISABLE": "1"}
 LOG_FLUSH_S = 1.5
 
-Rows = Iterator[tuple[Cell, dict]]
-
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker process needs to rebuild the driver's Runner, as plain picklable data."""
+    """Everything a worker process needs to rebuild the driver's cell runner, as plain picklable data."""
 
     resolved: ResolvedModel
     device: str
@@ -59,7 +58,7 @@ class WorkerSpec:
     threads: int | None = None  # torch threads per worker; None keeps torch's default
 
     @classmethod
-    def of(cls, runner: Runner, threads: int | None = None) -> WorkerSpec:
+    def of(cls, runner: CellRunner, threads: int | None = None) -> WorkerSpec:
         return cls(
             resolved=runner.resolved,
             device=runner.device,
@@ -75,19 +74,23 @@ class WorkerSpec:
 
 # ----------------------------------------------------------------------------- worker side
 
-_RUNNERS: dict[WorkerSpec, Runner] = {}
+_RUNNERS: dict[WorkerSpec, CellRunner] = {}
 
 
-def worker_runner(spec: WorkerSpec) -> Runner:
-    """This worker process's Runner for ``spec``, built once: a reused worker loads plugins and task data once."""
+def worker_runner(spec: WorkerSpec) -> CellRunner:
+    """This worker process's cell runner for ``spec``, built once: a reused worker loads plugins and data once."""
     runner = _RUNNERS.get(spec)
     if runner is None:
-        _setup_worker(spec)
+        # the driver's log level on stderr (Ray forwards it to the driver's terminal) and its thread budget
+        logs.setup(spec.log_level, worker=True)
+        if spec.threads:
+            import torch
+
+            torch.set_num_threads(spec.threads)
         from bench import plugins
 
-        runner = Runner(
+        runner = CellRunner(
             plugins.default(),
-            None,
             spec.resolved,
             spec.device,
             latency=spec.latency,
@@ -97,30 +100,6 @@ def worker_runner(spec: WorkerSpec) -> Runner:
         )
         _RUNNERS[spec] = runner
     return runner
-
-
-def _setup_worker(spec: WorkerSpec) -> None:
-    """The driver's log level on stderr (Ray forwards it to the driver's terminal) and its thread budget."""
-    bench_log = logging.getLogger("bench")
-    if not bench_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        bench_log.addHandler(handler)
-        bench_log.propagate = False
-    bench_log.setLevel(spec.log_level)
-    if spec.log_level > logging.INFO:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    if spec.threads:
-        import torch
-
-        torch.set_num_threads(spec.threads)
 
 
 def prepare_group(spec: WorkerSpec, cell: Cell) -> BaseException | None:
@@ -141,7 +120,7 @@ def run_cell(spec: WorkerSpec, cell: Cell, prepare_error: BaseException | None =
     runner = worker_runner(spec)
     if prepare_error is not None:
         return runner.failed_row(cell, prepare_error)
-    ((_, row),) = runner._run_group([cell])
+    ((_, row),) = runner.run_group([cell])
     return row
 
 
@@ -182,9 +161,9 @@ def make_executor(
 class LocalExecutor:
     """In this process, group after group, cell after cell: the FP model is prepared once per group in memory."""
 
-    def execute(self, runner: Runner, groups: list[list[Cell]]) -> Rows:
+    def execute(self, runner: CellRunner, groups: list[list[Cell]]) -> Rows:
         for group in groups:
-            yield from runner._run_group(group)
+            yield from runner.run_group(group)
 
 
 class PoolExecutor:
@@ -199,10 +178,10 @@ class PoolExecutor:
     def __init__(self, jobs: int):
         self.jobs = jobs
 
-    def execute(self, runner: Runner, groups: list[list[Cell]]) -> Rows:
+    def execute(self, runner: CellRunner, groups: list[list[Cell]]) -> Rows:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         spec = WorkerSpec.of(runner, threads=threads)
-        needs_prepare = _needs_prepare(runner)
+        needs_prepare = runner.needs_prepare
         # tasks: ("prepare", group) first for groups that fine-tune, ("cell", cell) once their group is ready
         queue: list[tuple[str, object]] = []
         for group in groups:
@@ -218,7 +197,7 @@ class PoolExecutor:
                         kind, what = queue.pop(0)
                         fn = prepare_group if kind == "prepare" else run_cell
                         arg = what[0] if kind == "prepare" else what
-                        running[slot.submit(fn, spec, arg)] = (slot, kind, what, _now())
+                        running[slot.submit(fn, spec, arg)] = (slot, kind, what, now())
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for future in done:
                         slot, kind, what, started = running.pop(future)
@@ -269,9 +248,6 @@ class RayExecutor:
         self.jobs = jobs
         self.cpus_per_cell = cpus_per_cell
 
-    # the remote function of a cell (tests swap in one that crashes its worker)
-    cell_fn = staticmethod(run_cell)
-
     def check(self) -> None:
         """Fail fast, before the run dir is written: Ray missing, or an ``address`` nothing listens on
         (Ray itself retries an unreachable cluster for minutes before it gives up)."""
@@ -283,7 +259,7 @@ class RayExecutor:
             except OSError as exc:
                 raise BenchError(f"--ray-address {self.address}: nothing answers at {host}:{port} ({exc})") from None
 
-    def execute(self, runner: Runner, groups: list[list[Cell]]) -> Rows:
+    def execute(self, runner: CellRunner, groups: list[list[Cell]]) -> Rows:
         ray = import_ray()
         started_here = self._init(ray)
         pending: dict = {}
@@ -297,12 +273,12 @@ class RayExecutor:
                 max_retries=0,  # a cell that killed its worker would most likely kill the next one too
             )
             prepare = ray.remote(prepare_group).options(**options)
-            cell_task = ray.remote(self.cell_fn).options(**options)
-            needs_prepare = _needs_prepare(runner)
+            cell_task = ray.remote(run_cell).options(**options)
+            needs_prepare = runner.needs_prepare
             for group in groups:
                 prepared = prepare.remote(spec_ref, group[0]) if needs_prepare(group[0]) else None
                 for cell in group:
-                    pending[cell_task.remote(spec_ref, cell, prepared)] = (cell, _now())
+                    pending[cell_task.remote(spec_ref, cell, prepared)] = (cell, now())
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -364,18 +340,13 @@ def _host_port(address: str) -> tuple[str | None, int | None]:
     return (host, int(port)) if host and port.isdigit() else (None, None)
 
 
-def _needs_prepare(runner: Runner):
-    """Whether a cell's group needs an FP model prepared first (a fine-tune); LM tasks just load it per cell."""
-    return lambda cell: bool(runner.plugins.tasks.get(cell.task).needs_finetune)
-
-
 def _ray_cause(exc: BaseException) -> BaseException:
     """The exception a Ray task raised (RayTaskError wraps it), or Ray's own (worker crashed, out of memory)."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
 
 
-def _lost_cell(runner: Runner, cell: Cell, exc: BaseException, started: str, detail: str = "") -> dict:
+def _lost_cell(runner: CellRunner, cell: Cell, exc: BaseException, started: str, detail: str = "") -> dict:
     """The failed row of a cell whose worker never returned a row."""
     log.error("cell %s: its worker failed: %s: %s", cell.key, type(exc).__name__, detail or exc)
     return runner.failed_row(cell, exc, started=started)

@@ -12,7 +12,6 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -424,7 +423,7 @@ def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
         or "-",
         "run dirs": ", ".join(run_dirs or []) or "-",
         "commands": "; ".join(sorted({r.get("command") or "?" for r in rows})) or "-",
-        "rendered": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rendered": provenance.now(),
     }
 
 

@@ -8,7 +8,6 @@ which source was actually used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from bench import hub
 from bench.errors import BenchError, did_you_mean
+from bench.hashing import digest, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,8 @@ def with_kind(model: ResolvedModel) -> ResolvedModel:
 
 
 def finetune_key(model: ResolvedModel, task_name: str, data_fingerprint: str, seed: int, recipe: dict) -> str:
-    payload = json.dumps(
-        {"model": model.source, "task": task_name, "data": data_fingerprint, "seed": seed, "recipe": recipe},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"model": model.source, "task": task_name, "data": data_fingerprint, "seed": seed, "recipe": recipe}
+    return digest(payload, length=16)
 
 
 def load_finetuned(
@@ -213,7 +210,7 @@ def load_finetuned(
     try:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
         (tmp / "quantbench.json").write_text(
             json.dumps({**info, "model_source": model.source, "files": files}, indent=2)
         )
@@ -230,24 +227,16 @@ def load_finetuned(
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _damage(entry: Path) -> str | None:
     """What is wrong with a fine-tune cache entry's weight files (missing, truncated, changed), or None."""
     try:
         files = json.loads((entry / "quantbench.json").read_text()).get("files", {})
     except (OSError, json.JSONDecodeError) as exc:
         return f"its quantbench.json is unreadable ({exc})"
-    for name, digest in files.items():
+    for name, checksum in files.items():
         path = entry / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_digest(path) != checksum:
             return f"{name} does not match the checksum recorded when it was written"
     return None

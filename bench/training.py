@@ -107,7 +107,10 @@ def train_loop(
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 bar.update()
     model.eval()
-    log.info("%s: %d steps, first loss %.4f, last loss %.4f", desc, len(losses), losses[0], losses[-1])
+    if losses:
+        log.info("%s: %d steps, first loss %.4f, last loss %.4f", desc, len(losses), losses[0], losses[-1])
+    else:  # epochs=0 or an empty training split: the model is returned as it came
+        log.info("%s: no training steps (%d epochs of %d steps)", desc, epochs, steps_per_epoch)
     return losses
 
 

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bench.api import Method, MethodContext, QuantSpec
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant import LSQQuantizer, QuantLinear, quantize_model
 from bench.training import ClipThenStep, distill_loss, frozen, gradient_step, sam_step, train_loop
 
@@ -58,6 +58,13 @@ class QATConfig:
     kd_weight: float = 1.0  # loss = kd_weight * KD + (1 - kd_weight) * task loss; 0 = no teacher
     kd_kind: Literal["kl", "mse"] = "kl"
     kd_temperature: float = 1.0
+
+    def __post_init__(self):
+        check_range(self, 0, None, "epochs", "max_train_examples", "lr", "step_lr", "weight_decay", "max_grad_norm")
+        check_range(self, 1, None, "batch_size")
+        check_range(self, 0, 1, "warmup_ratio", "kd_weight")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature={self.kd_temperature!r}: must be positive")
 
 
 def model_inputs(batch: dict) -> dict:

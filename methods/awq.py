@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from bench import hookimpl
-from bench.api import Method, MethodContext, QuantSpec
-from bench.errors import BenchError
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import QuantLinear, freeze, quantize_model
 from bench.quant.smoothing import (
@@ -57,6 +56,9 @@ class AWQConfig:
     clip_search: bool = True  # AWQ's second step: per-group range shrink minimizing output error
     duo_scaling: bool = False  # s = mean|X|^a / mean|W_normalized|^(1-a) (AutoAWQ's option) instead of mean|X|^a
     max_tokens: int = 4096  # calibration tokens kept per layer for the searches (evenly subsampled)
+
+    def __post_init__(self):
+        check_range(self, 1, None, "n_samples", "grid", "max_tokens")
 
 
 # --------------------------------------------------------------------------- calibration inputs
@@ -201,8 +203,6 @@ class AWQ(Method):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        if self.config.grid < 1:
-            raise BenchError(f"awq.grid={self.config.grid}: must be at least 1")
         batches = context.calibration_batches(self.config.n_samples, "awq")
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
         alphas = {}

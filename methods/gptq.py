@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench import hookimpl
-from bench.api import Method, MethodContext, QuantSpec
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
 from bench.quant.gptq import HessianAccumulator, gptq_layer
 from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
@@ -37,6 +37,10 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = False
     clip: Literal["minmax", "mse"] = "minmax"
+
+    def __post_init__(self):
+        check_range(self, 1, None, "n_samples", "block_size")
+        check_range(self, 0, None, "damp")
 
 
 class GPTQ(Method):

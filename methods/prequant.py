@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bench import hookimpl
-from bench.api import Method, MethodContext, QuantSpec
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant import OutlierQuantLinear, QuantLinear, WeightQuantizer, freeze, quantize_model
 from bench.training import train_loop
 
@@ -58,6 +58,11 @@ class PreQuantConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        check_range(self, 0, 1, "fraction", "warmup_ratio")
+        check_range(self, 0, None, "lr", "head_lr", "epochs", "max_train_examples", "weight_decay", "max_grad_norm")
+        check_range(self, 1, None, "batch_size")
 
 
 def outlier_count(n: int, fraction: float) -> int:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bench import hookimpl
-from bench.api import Method, MethodContext, QuantSpec
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.errors import BenchError
 from bench.quant.act_static import calibrate_static_activations
 from bench.quant.layers import QuantLinear, freeze, quantize_model
@@ -55,6 +55,10 @@ class SmoothQuantConfig:
     act_mode: Literal["dynamic", "static"] = "dynamic"
     # which Linears are smoothed: those reading a LayerNorm/RMSNorm output (the paper), or every Linear
     layers: Literal["norm", "all"] = "norm"
+
+    def __post_init__(self):
+        check_range(self, 0, 1, "alpha")
+        check_range(self, 1, None, "n_samples")
 
 
 def smooth_model(model: nn.Module, batches: list, alpha: float, which: str = "norm") -> dict[str, torch.Tensor]:

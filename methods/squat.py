@@ -29,6 +29,7 @@ from typing import Literal
 from bench.methods._qat import QATConfig, QATMethod, SQuATUpdate
 
 from bench import hookimpl
+from bench.api import check_range
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class SQuATConfig(QATConfig):
     rho: float = 0.05  # SAM radius (L2 norm of the perturbation over all weights)
     perturb: Literal["quantized", "latent"] = "quantized"
     schedule: Literal["step", "alternate", "epoch"] = "step"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, 0, None, "rho")
 
 
 class SQuAT(QATMethod):

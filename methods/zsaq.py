@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench import hookimpl, models
-from bench.api import Method, MethodContext, QuantSpec
+from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant import QuantEmbedding, WeightQuantizer, freeze, quantize_model
 from bench.quant.lsq import LSQQuantizer
 from bench.training import distill_loss, frozen, gradient_step, sam_step
@@ -80,6 +80,14 @@ class ZeroShotConfig:
     # 2*mean|w|/sqrt(Qp) started MiniLM W2A8 below RTN here, and 60 steps did not recover it)
     weight_quantizer: Literal["minmax", "lsq"] = "minmax"
     preset: Literal["cpu", "paper"] = "cpu"
+
+    def __post_init__(self):
+        check_range(self, 0, None, "rho", "steps", "lr", "generator_lr", "generator_steps", "diversity")
+        check_range(self, 1, None, "batch_size", "student_steps")
+        check_range(self, 3, None, "seq_len")  # [CLS] + at least one token + [SEP]
+        check_range(self, 0, 1, "mask_ratio")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be positive")
 
 
 # Paper scale for users with a GPU: OPT-350m (the paper's best generator). The paper does not state the

@@ -32,6 +32,11 @@ BAD_RUNS = [
     (["--granularity", "per-group", "--group-size", "0"], "group size 0: must be a positive number"),
     (["--limit", "0"], "--limit 0: must be a positive number of examples"),
     (["--model", "org/some-model"], "model 'org/some-model' is a hub id but the hub is off"),
+    # method settings are checked when the grid is planned, not when a cell reaches them
+    (["--methods", "zsaq", "--set", "zsaq.rho=abc"], "zsaq.rho='abc': expected float"),
+    (["--methods", "zsaq", "--set", "zsaq.rho=-0.1"], "settings of 'zsaq': rho=-0.1: must be at least 0"),
+    (["--methods", "awq", "--set", "awq.grid=0"], "settings of 'awq': grid=0: must be at least 1"),
+    (["--methods", "lsq", "--set", "lsq.kd_weight=2"], "settings of 'lsq': kd_weight=2.0: must be between 0 and 1"),
 ]
 
 
