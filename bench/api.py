@@ -18,6 +18,7 @@ from bench.errors import BenchError, unknown
 from bench.hashing import digest
 
 DataUsed = Literal["none", "calibration", "labeled"]
+FLOAT_BITS = "FP32"  # the bit-width label of a cell with no QuantSpec: the unquantized reference
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 
 
@@ -194,6 +195,9 @@ class Task:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "classification"  # classification | regression | language-modeling | generation
+    # The kinds of model ("encoder", "decoder": bench.models.ResolvedModel.kind) this task is the default task of,
+    # when a run names no tasks. At most one installed task may claim a kind.
+    default_for_kinds: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[tuple[str, ...]] = ()
     primary_metric: ClassVar[str] = ""
     needs_finetune: ClassVar[bool] = True

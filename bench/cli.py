@@ -156,7 +156,8 @@ def _describe(kind: str, entry) -> str:
             + _settings(obj.Recipe)
         )
     if kind == "metrics":
-        return "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
+        direction = "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
+        return direction + ("; a fraction, shown x100" if entry.meta.get("percent") else "")
     return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
 
 
@@ -247,20 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods",
         default=None,
-        help="comma list of methods (see `bench list methods`); default: the baseline method (rtn)",
+        help="comma list of methods (see `bench list methods`); default: the baseline method (plain rounding)",
     )
     run.add_argument("--bits", default="4,8", help="comma list of weight bit-widths, integers 2..8; default 4,8")
     run.add_argument(
         "--act-bits",
         default=None,
         help="activation bits: 2..8, or 32 (float, weights-only quantization, shown as A32); default: the "
-        "methods' paper setting (8 when a WxA8 QAT method such as zsaq, gan, squat is in the grid, for every "
+        "methods' paper setting (8 when a WxA8 QAT method is in the grid, for every "
         "method of the grid), else 32",
     )
     run.add_argument(
         "--tasks",
         default=None,
-        help="comma list of tasks (see `bench list tasks`); default sst2 for encoders, wikitext2 for decoders",
+        help="comma list of tasks (see `bench list tasks`); default: the task that is the default of the model's kind "
+        "(encoder or decoder)",
     )
     run.add_argument("--seeds", default="0", help="comma list of seeds; default 0")
     run.add_argument(
@@ -291,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="SCOPE.FIELD=VALUE",
-        help="override a method setting (rtn.clip=mse), one task's recipe (sst2.lr=5e-5) or every task's "
-        "(task.seq_len=512); see `bench list methods|tasks`; repeatable",
+        help="override a method setting (METHOD.FIELD=VALUE), one task's recipe (TASK.FIELD=VALUE) or every task's "
+        "(task.FIELD=VALUE); see `bench list methods|tasks`; repeatable",
     )
     run.add_argument(
         "--data-dir",
@@ -310,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-baseline",
         action="store_true",
-        help="do not add the baseline cells (RTN with default settings at every grid of the run, so that each "
-        "quantized cell shows its difference to plain rounding)",
+        help="do not add the baseline cells (the baseline method with default settings at every grid of the run, so "
+        "that each quantized cell shows its difference to plain rounding)",
     )
     run.add_argument(
         "--no-sharpness", action="store_true", help="skip the per-cell sharpness (loss increase in a rho-ball)"

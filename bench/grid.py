@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import models
-from bench.api import QuantSpec, apply_overrides
+from bench.api import FLOAT_BITS, QuantSpec, apply_overrides
 from bench.errors import BenchError, PluginError, unknown
 from bench.hashing import digest
 from bench.plugins import Plugins
@@ -46,7 +46,7 @@ class Cell:
 
     @property
     def bits_label(self) -> str:
-        return self.spec.label() if self.spec else "FP32"
+        return self.spec.label() if self.spec else FLOAT_BITS
 
     @property
     def key(self) -> str:
@@ -72,7 +72,6 @@ BITS = range(2, 9)  # weight and activation bit-widths every method's grid suppo
 # the papers' conventions for a model kind: groups of 128 for decoders, per-channel weights for BERT-style encoders
 KIND_GRANULARITY = {"decoder": "per-group"}
 DEFAULT_GRANULARITY = "per-channel"
-KIND_DEFAULT_TASK = {"encoder": "sst2", "decoder": "wikitext2"}
 
 
 @dataclass
@@ -116,7 +115,7 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     resolved = models.resolve(request.model)
     if request.tasks is None or request.granularity is None:
         resolved = models.with_kind(resolved)
-    tasks = expand_groups(plugins, request.tasks or _default_tasks(resolved))
+    tasks = expand_groups(plugins, request.tasks or [default_task(plugins, resolved)])
     granularity = request.granularity or KIND_GRANULARITY.get(resolved.kind, DEFAULT_GRANULARITY)
     scopes = set(methods) | set(tasks) | {TASK_SCOPE}
     for scope in request.settings:
@@ -191,13 +190,21 @@ def _default_methods(plugins: Plugins) -> list[str]:
     return [baseline]
 
 
-def _default_tasks(model: models.ResolvedModel) -> list[str]:
-    """No tasks asked for: the default task of the model's kind."""
-    if model.kind not in KIND_DEFAULT_TASK:
+def default_task(plugins: Plugins, model: models.ResolvedModel) -> str:
+    """No tasks asked for: the one installed task that declares itself the default of the model's kind
+    (``Task.default_for_kinds``)."""
+    claims = [e for e in plugins.tasks.entries() if e.obj is not None and model.kind in e.obj.default_for_kinds]
+    if not claims:
         raise BenchError(
-            f"model '{model.name}' is neither a known encoder nor a decoder (kind {model.kind!r}); name its tasks"
+            f"no installed task is the default for model '{model.name}' (kind {model.kind}); name its tasks"
         )
-    return [KIND_DEFAULT_TASK[model.kind]]
+    if len(claims) > 1:
+        raise PluginError(
+            f"several tasks claim to be the default for {model.kind} models: "
+            + ", ".join(f"{e.name} ({e.provider})" for e in claims)
+            + "; name the tasks, or uninstall one of them"
+        )
+    return claims[0].name
 
 
 def _act_bits(requested: int | str | None, method_classes: list) -> int | None:

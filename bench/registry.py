@@ -90,7 +90,7 @@ class Registry:
 def _subclass_of(base: type, data_used: tuple[str, ...] = ()) -> Check:
     def check(obj: Any, meta: dict) -> str | None:
         if obj is None and meta.get("members"):
-            return None  # a group of other names (the 'glue' task group)
+            return None  # a group of other names (a task group such as GLUE)
         if not (isinstance(obj, type) and issubclass(obj, base)):
             return f"{obj!r}, which is not a {base.__module__}.{base.__qualname__} subclass"
         config = getattr(obj, "Config", None)
@@ -112,6 +112,8 @@ def _metric(obj: Any, meta: dict) -> str | None:
         return f"{obj!r}, which is not callable"
     if not isinstance(meta.get("higher_is_better"), bool):
         return f"{getattr(obj, '__name__', obj)!r} without higher_is_better=True/False (the table needs its direction)"
+    if not isinstance(meta.get("percent", False), bool):
+        return f"{getattr(obj, '__name__', obj)!r} with percent={meta['percent']!r} (True/False: a fraction shown x100)"
     return None
 
 

@@ -544,6 +544,7 @@ def _task_class(spec: GlueSpec) -> type[GlueTask]:
 
 TASKS: dict[str, type[GlueTask]] = {spec.name: _task_class(spec) for spec in SPECS}
 SST2 = TASKS["sst2"]
+SST2.default_for_kinds = ("encoder",)  # `bench run` on an encoder with no --tasks
 
 
 @hookimpl

@@ -184,6 +184,7 @@ def perplexity(predictions, references) -> float:
 
 
 class WikiText2(PerplexityTask):
+    default_for_kinds = ("decoder",)  # `bench run` on a decoder with no --tasks
     name = "wikitext2"
     hub_path = "wikitext"
     hub_kwargs = {"name": "wikitext-2-raw-v1"}

@@ -363,5 +363,5 @@ def register_tasks(register):
 
 @hookimpl
 def register_metrics(register):
-    register("mc_accuracy", mc_accuracy, higher_is_better=True)
-    register("mc_accuracy_norm", mc_accuracy_norm, higher_is_better=True)
+    register("mc_accuracy", mc_accuracy, higher_is_better=True, percent=True)
+    register("mc_accuracy_norm", mc_accuracy_norm, higher_is_better=True, percent=True)

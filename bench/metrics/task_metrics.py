@@ -33,8 +33,9 @@ def spearman(predictions, references) -> float:
 
 @hookimpl
 def register_metrics(register):
-    register("accuracy", accuracy, higher_is_better=True)
-    register("f1", f1, higher_is_better=True)
-    register("matthews_correlation", matthews_correlation, higher_is_better=True)
-    register("pearson", pearson, higher_is_better=True)
-    register("spearmanr", spearman, higher_is_better=True)
+    # fractions in [0, 1], shown x100 in the leaderboard (GLUE's convention)
+    register("accuracy", accuracy, higher_is_better=True, percent=True)
+    register("f1", f1, higher_is_better=True, percent=True)
+    register("matthews_correlation", matthews_correlation, higher_is_better=True, percent=True)
+    register("pearson", pearson, higher_is_better=True, percent=True)
+    register("spearmanr", spearman, higher_is_better=True, percent=True)
