@@ -3,11 +3,11 @@ out-of-memory cell is one failed row and the grid goes on, and executor flags fa
 
 import json
 import logging
-import os
 import sys
 
 import pytest
 import torch
+from tiny import installed_plugin
 
 from bench import executors, provenance
 from bench.cli import main
@@ -160,17 +160,9 @@ CRASH_PLUGIN = """
 
 @pytest.fixture
 def crash_plugin(tmp_path, monkeypatch):
-    """The crash plugin as a real installed distribution (a dist-info with its entry point on the path), so that
-    worker processes -- spawned by the pool or started by Ray -- load it from its entry point like any plugin."""
-    import textwrap
-
-    (tmp_path / "crashplug.py").write_text(textwrap.dedent(CRASH_PLUGIN))
-    info = tmp_path / "crashplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[bench]\ncrashplug = crashplug\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """The crash plugin as a real installed distribution, so that worker processes -- spawned by the pool or
+    started by Ray -- load it from its entry point like any plugin."""
+    installed_plugin(tmp_path, monkeypatch, "crashplug", CRASH_PLUGIN)
     from bench import plugins
 
     monkeypatch.setattr(plugins, "default", plugins.load)

@@ -1,10 +1,9 @@
 """Plugin loading through real entry points, clashes, broken plugins, provenance."""
 
-import sys
-import textwrap
 import types
 
 import pytest
+from tiny import installed_plugin
 
 from bench import hookimpl, plugins
 from bench.api import Method
@@ -57,13 +56,7 @@ def test_unknown_name_did_you_mean():
 
 def _fake_dist(tmp_path, monkeypatch, module_source: str):
     """A real installed distribution (dist-info + entry point) whose module is ``module_source``."""
-    (tmp_path / "brokenplug.py").write_text(textwrap.dedent(module_source))
-    info = tmp_path / "brokenplug-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text("[bench]\nbrokenplug = brokenplug\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("brokenplug", None)
+    installed_plugin(tmp_path, monkeypatch, "brokenplug", module_source, version="0.3")
 
 
 def test_plugin_failing_to_import_is_named_and_skipped(tmp_path, monkeypatch):

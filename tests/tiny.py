@@ -1,4 +1,8 @@
-"""Tiny random models and calibration batches shared by the method tests."""
+"""Tiny random models, calibration batches, result rows and plugin distributions shared by the tests."""
+
+import os
+import sys
+import textwrap
 
 import torch
 from torch import nn
@@ -107,3 +111,17 @@ def result_row(
         "latency": {"p50": p50, "kernel": kernel or ("fp32" if bits == "FP32" else "simulated")} if p50 else None,
         "sharpness": {"value": sharp, "rho": 0.05, "steps": 5} if sharp is not None else None,
     }
+
+
+def installed_plugin(tmp_path, monkeypatch, name: str, source: str, version: str = "0.1") -> None:
+    """A real installed distribution ``name`` (dist-info with an entry point in group "bench") whose module ``name``
+    is ``source``: on sys.path for this process and on PYTHONPATH for the workers it spawns (pool, Ray), which
+    load it from its entry point like any plugin."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    info = tmp_path / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[bench]\n{name} = {name}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    sys.modules.pop(name, None)
