@@ -228,6 +228,15 @@ SKIP_DAMAGED_HELP = (
 )
 
 
+def _command(sub, func, name: str, *, help: str, description: str, skip_damaged: bool = False):
+    """A subcommand ``name`` that runs ``func(args)``; ``skip_damaged``: it reads run dirs (``--skip-damaged``)."""
+    command = sub.add_parser(name, help=help, description=description)
+    command.set_defaults(func=func)
+    if skip_damaged:
+        command.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -238,12 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
+    run = _command(
+        sub,
+        cmd_run,
         "run",
         help="run every method x bit-width x task x seed cell (resumes a run dir)",
         description="Run the grid methods x bits x tasks x seeds on one model. Each cell appends a row to "
         "RUN_DIR/results.jsonl; cells already done are skipped, so re-running resumes. An FP32 reference cell "
         "is added per task and seed. Prints the leaderboard at the end.",
+        skip_damaged=True,
     )
     run.add_argument(
         "--methods",
@@ -306,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default=None, help="run dir; default results/<--name or timestamp>")
     out.add_argument("--name", default=None, help="run name: results/NAME")
     run.add_argument("--force", action="store_true", help="re-run cells that already have an ok row")
-    run.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
     run.add_argument("--retry-failed", action="store_true", help="only re-run cells whose last row failed")
     run.add_argument("--no-reference", action="store_true", help="do not add the FP32 reference cells")
     run.add_argument(
@@ -349,29 +360,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ray-cpus-per-cell", type=float, default=1, help="CPUs Ray reserves for each cell's task; default 1"
     )
-    run.set_defaults(func=cmd_run)
 
-    lst = sub.add_parser(
+    lst = _command(
+        sub,
+        cmd_list,
         "list",
         help="list registered methods, tasks, metrics or reporters",
         description="List what the installed plugins registered, and which plugin provided each.",
     )
     lst.add_argument("kind", help="methods, tasks, metrics or reporters")
-    lst.set_defaults(func=cmd_list)
 
-    plg = sub.add_parser(
+    plg = _command(
+        sub,
+        cmd_plugins,
         "plugins",
         help="list plugins, their versions and what they registered",
         description="Every plugin found in the 'bench' entry-point group, built-in or outside.",
     )
     plg.add_argument("--json", action="store_true", help="machine-readable output")
-    plg.set_defaults(func=cmd_plugins)
 
-    lb = sub.add_parser(
+    lb = _command(
+        sub,
+        cmd_leaderboard,
         "leaderboard",
         help="render the leaderboard of one or more run dirs",
         description="Merge the results of RUN_DIRs (default: the newest under results/) into one "
         "table: a row per method, columns per bit-width x task.",
+        skip_damaged=True,
     )
     lb.add_argument(
         "run_dirs",
@@ -383,17 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="md", help="md, csv, json, html, latex, png (plots), or a format an installed plugin adds"
     )
     lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
-    lb.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
-    lb.set_defaults(func=cmd_leaderboard)
 
-    show = sub.add_parser(
+    show = _command(
+        sub,
+        cmd_show,
         "show",
         help="cells done / failed / pending of a run dir",
         description="Status of a run: which cells are done, failed or still pending.",
+        skip_damaged=True,
     )
     show.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `bench run` (results/NAME)")
-    show.add_argument("--skip-damaged", action="store_true", help=SKIP_DAMAGED_HELP)
-    show.set_defaults(func=cmd_show)
     return parser
 
 
