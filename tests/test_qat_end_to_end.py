@@ -35,7 +35,7 @@ def qat_run(tmp_path_factory):
 
 def test_qat_methods_run_end_to_end(qat_run):
     rows = _rows(qat_run)
-    assert set(rows) == {"fp32", "lsq", "squat", "prequant"}
+    assert set(rows) == {"fp32", "rtn", "lsq", "squat", "prequant"}  # rtn: the baseline every grid carries
     for name in ("lsq", "squat", "prequant"):
         row = rows[name]
         assert row["status"] == "ok", row["error"]
