@@ -61,6 +61,6 @@ def register_reporters(register):
     """Register leaderboard formats: ``register(format_name, render_fn, *, aliases=())``.
 
     ``render_fn(board, path)`` writes the leaderboard (a ``bench.leaderboard.Leaderboard``) to ``path``
-    and returns the text to print, or None for binary formats. ``board.best()`` gives the cells to mark, the
-    same for every format.
+    and returns the text to print, or None for binary formats. ``board.best()`` gives the cells to mark and
+    ``board.is_reference(index)`` the reference row, the same for every format.
     """

@@ -1,7 +1,10 @@
 """Results -> one leaderboard table: a row per method, columns per bit-width (WxAy) x task.
 
-Scores of classification/regression tasks are shown x100 (GLUE's convention); several seeds are
-shown as mean ± std. Reporter plugins (``bench.reporters`` and outside ones) turn the ``Leaderboard``
+How a task's score reads comes from what its metric's plugin registered (``register(name, fn,
+higher_is_better=..., percent=...)``): fractions registered as percent are shown x100 (GLUE's convention) and
+averaged together, and each column's best cell is the highest or the lowest by the metric's direction. The
+reference and baseline rows are found by the role their method class declared (recorded in each row). Several
+seeds are shown as mean ± std. Reporter plugins (``bench.reporters`` and outside ones) turn the ``Leaderboard``
 into files; the table itself is built once, here.
 """
 
@@ -17,20 +20,57 @@ from pathlib import Path
 import pandas as pd
 
 from bench import provenance
+from bench.api import FLOAT_BITS
 from bench.errors import BenchError
 from bench.results import ResultStore, latest_run_dir
 
-PERCENT_KINDS = ("classification", "regression", "multiple-choice")
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
 COMPRESSION = "compression"  # FP32 bytes / stored bytes of the same model
 METHOD_TIME = "method s"  # seconds inside Method.quantize (bench.metrics.cost), apart from eval/sharpness/latency
 DELTA = "Δ"  # "Δfp32" / "Δrtn": a cell's score minus the reference's / the baseline's, same task and seed
 DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p50); p50 ms is then the prefill
+# kernel labels of bench.quant.kernels that are no low-bit kernel: float layers only, or fake-quant on float matmuls
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
-# columns where a smaller number is better (besides perplexity-like task scores, found from the rows' task_kind)
+# columns where a smaller number is better (besides task scores whose metric is registered lower-is-better)
 LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS, METHOD_TIME)
-LOWER_IS_BETTER_KINDS = ("language-modeling",)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a task's primary score reads in the table: what its metric's plugin registered."""
+
+    higher_is_better: bool = True
+    percent: bool = False  # a fraction shown x100; percent scores that are higher-is-better are averaged together
+    registered: bool = True  # False: no installed plugin registers the metric (shown as stored, higher taken as better)
+
+    @property
+    def scale(self) -> int:
+        return 100 if self.percent else 1
+
+    @property
+    def averaged(self) -> bool:
+        return self.percent and self.higher_is_better
+
+
+def scoring(rows: list[dict], metrics=None) -> dict[str, Scoring]:
+    """Per task of ``rows``: the direction and scale its primary metric was registered with (``metrics``: a metric
+    registry; default: the installed plugins')."""
+    if metrics is None:
+        from bench import plugins
+
+        metrics = plugins.default().metrics
+    out: dict[str, Scoring] = {}
+    for row in rows:
+        metric = row.get("primary_metric")
+        if row["task"] in out:
+            continue
+        if metric in metrics:
+            meta = metrics.entry(metric).meta
+            out[row["task"]] = Scoring(bool(meta.get("higher_is_better", True)), bool(meta.get("percent", False)))
+        else:
+            out[row["task"]] = Scoring(registered=False)
+    return out
 
 
 @dataclass
@@ -44,6 +84,12 @@ class Leaderboard:
     notes: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     run_dirs: list[str] = field(default_factory=list)
+    scoring: dict[str, Scoring] = field(default_factory=dict)  # per task: direction and scale of its score
+    roles: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, data) -> "reference" / "baseline"
+
+    def is_reference(self, index: tuple[str, str]) -> bool:
+        """Whether the table row ``(method, data)`` is the reference (FP32): not a contender for "best"."""
+        return self.roles.get(tuple(index)) == "reference"
 
     def write(self, fmt: str = "md", path: str | os.PathLike | None = None, *, plugins=None) -> tuple[Path, str | None]:
         """Render this table with the reporter plugin of ``fmt`` (md, csv, json, html, latex, png, or one an outside
@@ -65,40 +111,35 @@ class Leaderboard:
         return [f"{bits} {column}" for bits, column in self.table.columns]
 
     def lower_is_better(self, column: str) -> bool:
-        """Direction of a column: perplexity-like scores (and their differences), size, latency, sharpness and
-        method time are better when smaller."""
+        """Direction of a column: scores of a lower-is-better metric (and their differences), size, latency,
+        sharpness and method time are better when smaller."""
         if column in LOWER_IS_BETTER:
             return True
         task = column.split(f" {DELTA}")[0] if f" {DELTA}" in column else column
-        if column.startswith(DELTA):  # one task: "Δfp32" belongs to the only task
-            task = next(iter({r["task"] for r in self.rows}), "")
-        return any(r["task"] == task and r.get("task_kind") in LOWER_IS_BETTER_KINDS for r in self.rows)
+        if column.startswith(DELTA):  # one task: the difference columns belong to the only task
+            task = next(iter(self.scoring), "")
+        return task in self.scoring and not self.scoring[task].higher_is_better
 
     def best(self) -> dict[tuple[str, str], tuple[str, str]]:
         """Per (bits, column), the index (method, data) of the best non-FP32 row: the one every reporter marks.
 
-        Decided here once so md, html and latex always mark the same cell. FP32 is the reference, not a
-        contender; a column with fewer than two contenders marks nothing (a lone value is not "best").
+        Decided here once so md, html and latex always mark the same cell. The reference is not a contender; a
+        column with fewer than two contenders marks nothing (a lone value is not "best").
         Ties go to the first row in table order.
         """
         best = {}
         for bits, column in self.means.columns:
-            if bits == "FP32":
+            if bits == FLOAT_BITS:
                 continue
             values = self.means[(bits, column)].dropna()
-            values = values[[not is_reference(method) for method, _ in values.index]]
+            values = values[[not self.is_reference(i) for i in values.index]]
             if len(values) >= 2:
                 best[(bits, column)] = values.idxmin() if self.lower_is_better(column) else values.idxmax()
         return best
 
 
-def is_reference(method: str) -> bool:
-    """The FP32 row, also as 'fp32[variant]' or 'fp32 @model' (labels from ``method_label`` and merged models)."""
-    return re.split(r"[\[ ]", method, maxsplit=1)[0] == "fp32"
-
-
 def _bits_order(label: str) -> tuple:
-    if label == "FP32":
+    if label == FLOAT_BITS:
         return (0, 0, 0)
     m = re.match(r"W(\d+)A(\d+)", label)
     return (1, -int(m.group(1)), -int(m.group(2))) if m else (2, 0, 0)
@@ -112,12 +153,13 @@ def _column_order(column: str) -> float:
     )
 
 
-def _add_speedup(means, stds, counts, kernels):
-    """Speedup over FP32 p50, only for cells that ran a real low-bit kernel: a simulated one has none."""
-    fp32 = [v for (method, _), v in means.get(("FP32", LATENCY), pd.Series(dtype=float)).items() if method == "fp32"]
+def _add_speedup(means, stds, counts, kernels, roles):
+    """Speedup over the reference's p50, only for cells that ran a real low-bit kernel: a simulated one has none."""
+    latencies = means.get((FLOAT_BITS, LATENCY), pd.Series(dtype=float))
+    fp32 = [v for i, v in latencies.items() if roles.get(i) == "reference"]
     if not fp32:
         return means, stds, counts
-    for bits in {b for b, c in means.columns if c == LATENCY and b != "FP32"}:
+    for bits in {b for b, c in means.columns if c == LATENCY and b != FLOAT_BITS}:
         real = [
             i
             for i in means.index
@@ -144,14 +186,19 @@ def collect(run_dirs: list[str], *, skip_damaged: bool = False) -> tuple[list[di
     return ok, failed
 
 
-def load(run_dirs: list[str | os.PathLike] | None = None, *, skip_damaged: bool = False) -> Leaderboard:
-    """The leaderboard of one or more run dirs (default: the newest under results/), newest row per cell."""
+def load(run_dirs: list[str | os.PathLike] | None = None, *, skip_damaged: bool = False, plugins=None) -> Leaderboard:
+    """The leaderboard of one or more run dirs (default: the newest under results/), newest row per cell; scores
+    read by the metrics ``plugins`` registered (default: the installed plugins)."""
     run_dirs = [str(d) for d in run_dirs] if run_dirs else [str(latest_run_dir())]
     ok, failed = collect(run_dirs, skip_damaged=skip_damaged)
-    return build(ok, failed, run_dirs)
+    return build(ok, failed, run_dirs, metrics=plugins.metrics if plugins else None)
 
 
-def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str] | None = None) -> Leaderboard:
+def build(
+    rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str] | None = None, *, metrics=None
+) -> Leaderboard:
+    """The table of ``rows`` (ok result rows); ``metrics``: the metric registry whose ``higher_is_better`` and
+    ``percent`` decide each task's direction and scale (default: the installed plugins')."""
     failed = failed or []
     if not rows:
         empty = pd.DataFrame()
@@ -159,6 +206,7 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         board.notes.append("no finished cells yet")
         board.provenance = _provenance(rows, run_dirs)
         return board
+    scored_as = scoring(rows, metrics)
     keys = ["method", "data", "bits", "task", "seed"]
     several_models = len({r["model"] for r in rows}) > 1  # merged run dirs of different models: never mix them
     frame = pd.DataFrame(
@@ -166,14 +214,13 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
             "method": method_label(r) + (f" @{r['model']}" if several_models else ""),
             "name": r["method"],
             # reference (FP32) and baseline (plain RTN at default settings) rows, by the role their class declared
-            # (rows from before roles were recorded: the FP32 row by its name)
             "role": _role(r),
             "data": r.get("data_used") or "-",
-            "kind": r.get("task_kind"),
+            "averaged": scored_as[r["task"]].averaged,
             "bits": r["bits"],
             "task": r["task"],
             "seed": r["seed"],
-            "score": r["score"] * (100 if r.get("task_kind") in PERCENT_KINDS else 1),
+            "score": r["score"] * scored_as[r["task"]].scale,
             SIZE: r["size_bytes"] / 2**20 if r.get("size_bytes") else None,
             COMPRESSION: r["fp32_size_bytes"] / r["size_bytes"]
             if r.get("size_bytes") and r.get("fp32_size_bytes")
@@ -191,9 +238,9 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
     frame = frame.sort_values("finished").drop_duplicates(keys, keep="last")
     # long form: one value per (method, data, bits, column, seed); columns are tasks, avg, size, latency
     parts = [frame[[*keys, "score"]].rename(columns={"task": "column", "score": "value"})]
-    # per bit-width average over the GLUE-style (x100) tasks, per seed, before aggregating seeds; perplexities
-    # are never averaged with accuracies
-    scored = frame[frame.kind.isin(PERCENT_KINDS)]
+    # per bit-width average over the percent (x100), higher-is-better tasks (GLUE-style), per seed, before
+    # aggregating seeds; perplexities are never averaged with accuracies
+    scored = frame[frame.averaged]
     if scored.task.nunique() > 1:
         # only rows that ran every such task get an average: a partial average would look comparable
         groups = scored.groupby(["method", "data", "bits", "seed"], as_index=False).score
@@ -213,14 +260,14 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         .groupby(["method", "data", "bits"])
         .kernel.agg(lambda k: "/".join(sorted(set(k))))
     )
-    means, stds, counts = _add_speedup(means, stds, counts, kernels)
+    roles = frame.drop_duplicates(["method", "data"]).set_index(["method", "data"]).role.to_dict()
+    means, stds, counts = _add_speedup(means, stds, counts, kernels, roles)
     simulated = {i for i, kernel in kernels.items() if kernel == "simulated"}
     for bits, column in [c for c in means.columns if c[1] in (LATENCY, DECODE)]:
         # fake-quant on float matmuls times FP32 arithmetic, not the method: no figure, no plot point
         masked = [i for i in means.index if (*i, bits) in simulated]
         means.loc[masked, (bits, column)] = float("nan")
     columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), _column_order(c[1]), c[1]))
-    roles = frame.drop_duplicates(["method", "data"]).set_index(["method", "data"]).role
     index = sorted(means.index, key=lambda i: (roles.get(i) != "reference", roles.get(i) != "baseline", i))
     means, stds, counts = (t.reindex(index=index, columns=columns) for t in (means, stds, counts))
     most_seeds = int(counts.max().max()) if counts.size else 1
@@ -248,8 +295,18 @@ def build(rows: list[dict], failed: list[dict] | None = None, run_dirs: list[str
         index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
         columns=pd.MultiIndex.from_tuples(columns, names=["bits", "column"]),
     )
-    board = Leaderboard(table, means, stds, counts, rows, failed, run_dirs=list(run_dirs or []))
-    board.notes = _notes(rows, failed)
+    board = Leaderboard(
+        table,
+        means,
+        stds,
+        counts,
+        rows,
+        failed,
+        run_dirs=list(run_dirs or []),
+        scoring=scored_as,
+        roles={i: role for i, role in roles.items() if role},
+    )
+    board.notes = _notes(rows, failed, scored_as)
     if duplicated.any():
         board.notes.append(
             "some cells were run with different eval limits or task recipes; the newest row of each is shown"
@@ -291,16 +348,19 @@ def _cost_note(rows: list[dict]) -> str | None:
 
 
 def _role(row: dict) -> str | None:
-    if row.get("role"):
+    """The row's role ("reference" / "baseline" / None), as its method class declared it when the row was made.
+    Rows written before roles were recorded: the one cell then run without a quantization spec (bits
+    ``FLOAT_BITS``) was the reference, and there was no baseline yet."""
+    if "role" in row:
         return row["role"]
-    return "reference" if is_reference(row["method"]) else None
+    return "reference" if row.get("bits") == FLOAT_BITS else None
 
 
 def _differences(frame: pd.DataFrame) -> list[pd.DataFrame]:
     """Per seed, each cell's score minus the reference's (same task) and the baseline's (same grid and task):
     paired differences, so seed-to-seed noise of the FP model cancels before mean ± std is taken.
 
-    Columns are named after the method that holds the role ("Δfp32", "Δrtn"), prefixed with the task when the
+    Columns are named after the method that holds the role (Δ + its name), prefixed with the task when the
     table has several. Only the baseline at its default settings is the baseline: a tuned RTN is a contender.
     """
     one_task = frame.task.nunique() == 1
@@ -320,14 +380,14 @@ def _differences(frame: pd.DataFrame) -> list[pd.DataFrame]:
     return out
 
 
-def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
+def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) -> list[str]:
     notes = []
     for task in sorted({r["task"] for r in rows}):
         sources = sorted({r.get("data_source") or "?" for r in rows if r["task"] == task})
         metric = next(r["primary_metric"] for r in rows if r["task"] == task)
-        kind = next(r.get("task_kind") for r in rows if r["task"] == task)
-        scale = " x100" if kind in PERCENT_KINDS else ""
-        notes.append(f"{task}: {metric}{scale} on {', '.join(sources)}")
+        scale = " x100" if scored_as[task].percent else ""
+        unknown = "" if scored_as[task].registered else " (a metric no installed plugin registers: shown as stored)"
+        notes.append(f"{task}: {metric}{scale}{unknown} on {', '.join(sources)}")
     for model in sorted({r["model"] for r in rows}):
         sources = sorted({r.get("model_source") or "?" for r in rows if r["model"] == model})
         notes.append(f"model {model}: {', '.join(sources)}")
@@ -372,7 +432,8 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
                 f"{name} cell's ({'same task and seed' if role == 'reference' else 'same grid, task and seed'})"
                 for role, name in deltas
             )
-            + ", per seed, then mean ± std (perplexity: negative is better)"
+            + ", per seed, then mean ± std"
+            + "".join(f" ({task}: lower is better, so negative is)" for task in _lower(scored_as))
         )
     cost_note = _cost_note(rows)
     if cost_note:
@@ -392,6 +453,10 @@ def _notes(rows: list[dict], failed: list[dict]) -> list[str]:
             + "; ".join(f"{r['method']} {r['bits']} {r['task']} ({r.get('error')})" for r in failed[:5])
         )
     return notes
+
+
+def _lower(scored_as: dict[str, Scoring]) -> list[str]:
+    return sorted(task for task, s in scored_as.items() if not s.higher_is_better)
 
 
 def _grid_text(grid: dict) -> str:

@@ -14,14 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.leaderboard import (
-    AVERAGE,
-    LATENCY,
-    PERCENT_KINDS,
-    SHARPNESS,  # noqa: E402
-    SIZE,
-    Leaderboard,
-)
+from bench.leaderboard import AVERAGE, LATENCY, SHARPNESS, SIZE, Leaderboard
 
 PANEL = (4.6, 3.4)  # inches per panel
 DPI = 110
@@ -87,8 +80,8 @@ def _headline_columns(board: Leaderboard) -> list[str]:
     columns = _score_columns(board)
     if AVERAGE not in columns:
         return columns
-    kinds = {r["task"]: r.get("task_kind") for r in board.rows}
-    return [AVERAGE] + [c for c in columns if c != AVERAGE and kinds.get(c) not in PERCENT_KINDS]
+    averaged = {task for task, s in board.scoring.items() if s.averaged}
+    return [AVERAGE] + [c for c in columns if c != AVERAGE and c not in averaged]
 
 
 def _score_label(board: Leaderboard, column: str) -> str:
@@ -96,7 +89,7 @@ def _score_label(board: Leaderboard, column: str) -> str:
     if column == AVERAGE:
         return f"average score x100 ({direction} is better)"
     row = next(r for r in board.rows if r["task"] == column)
-    scale = " x100" if row.get("task_kind") in PERCENT_KINDS else ""
+    scale = " x100" if column in board.scoring and board.scoring[column].percent else ""
     return f"{column} {row.get('primary_metric', 'score')}{scale} ({direction} is better)"
 
 

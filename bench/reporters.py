@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from bench import hookimpl
-from bench.leaderboard import Leaderboard, is_reference
+from bench.leaderboard import Leaderboard
 
 
 def _marked(board: Leaderboard, table: pd.DataFrame, mark) -> pd.DataFrame:
@@ -83,12 +83,12 @@ def render_json(board: Leaderboard, path: Path) -> str:
 
 
 def _html_table(board: Leaderboard) -> str:
-    """The table with the best cell of each column in class ``best`` and the FP32 row in class ``reference``."""
+    """The table with the best cell of each column in class ``best`` and the reference row in class ``reference``."""
     if board.table.empty:
         return "<p>no finished cells</p>"
     classes = pd.DataFrame("", index=board.table.index, columns=board.table.columns)
-    for i, (method, _) in enumerate(board.table.index):
-        if is_reference(method):
+    for i, index in enumerate(board.table.index):
+        if board.is_reference(index):
             classes.iloc[i, :] = "reference"
     for column, index in board.best().items():
         classes.at[index, column] = "best"

@@ -1,8 +1,11 @@
 """The core's shape: no import circle among bench/'s modules (lazy imports inside functions included: a circle
-hidden in a function is still one), so the path of a run reads downhill."""
+hidden in a function is still one), so the path of a run reads downhill; and the core names no plugin."""
 
 import ast
+import re
 from pathlib import Path
+
+from bench import plugins
 
 CORE = Path(__file__).resolve().parent.parent / "bench"
 
@@ -61,3 +64,44 @@ def test_no_import_circle_in_bench():
 
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# strings of the core that equal a built-in plugin's name by coincidence, not to name the plugin
+NOT_A_PLUGIN = {
+    ("bench/quant/kernels.py", "fp32"): "the kernel label of float nn.Linear layers",
+    ("bench/leaderboard.py", "fp32"): "the same kernel label (no low-bit kernel ran: no speedup)",
+    ("bench/grid.py", "fp"): "the resume key's segment of a cell without a quantization spec",
+    ("bench/quant/layers.py", "fp"): "'full precision' in a layer's repr",
+}
+
+
+def _strings(tree: ast.AST):
+    """Every string constant of a module that is not a docstring (a bare string statement)."""
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node
+
+
+def test_the_core_names_no_plugin():
+    """No method or task name (nor alias) of the built-in plugins in bench/'s code: which method is the reference
+    or the baseline, which task a model kind defaults to, how a score scales and ranks -- plugins declare it."""
+    loaded = plugins.default()
+    names = {
+        name
+        for registry in (loaded.methods, loaded.tasks)
+        for entry in registry.entries()
+        if entry.provider.dist == "quantbench"
+        for name in (entry.name, *entry.aliases)
+    }
+    assert {"fp32", "rtn", "sst2", "wikitext2", "glue"} <= names
+    found = []
+    for path in sorted(CORE.rglob("*.py")):
+        where = str(path.relative_to(CORE.parent))
+        for node in _strings(ast.parse(path.read_text())):
+            for name in names:
+                if (where, name) not in NOT_A_PLUGIN and re.search(
+                    rf"(?<![\w-]){re.escape(name)}(?![\w-])", node.value
+                ):
+                    found.append(f"{where}:{node.lineno} {name!r} in {node.value!r}")
+    assert not found, "the core names plugins:\n" + "\n".join(found)

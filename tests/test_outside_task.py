@@ -1,14 +1,17 @@
 """An outside task of a kind quantbench never heard of, scored by a lower-is-better metric its plugin registers
-(in-process, as a package's module would): a task declares which model kind it is the default of."""
+(in-process, as a package's module would): the leaderboard ranks it by the registered direction (best = lowest)
+and shows it as registered (not x100); a task declares which model kind it is the default of."""
 
 import types
 
 import pytest
+from tiny import result_row
 
 from bench import hookimpl, models, plugins
 from bench.api import Task
 from bench.errors import BenchError, PluginError
 from bench.grid import default_task
+from bench.leaderboard import DELTA, build
 
 
 class ToyASR(Task):
@@ -37,6 +40,40 @@ def _plugin(task_cls=ToyASR) -> plugins.Plugins:
     module = types.ModuleType("asrplugin")
     module.register_tasks, module.register_metrics = register_tasks, register_metrics
     return plugins.load(extra=[("asrplugin", module)])
+
+
+def _rows():
+    rows = []
+    for seed in (0, 1):
+        for method, bits, score in [("fp32", "FP32", 0.10), ("rtn", "W4A32", 0.30), ("gptq", "W4A32", 0.20)]:
+            row = result_row(
+                method, bits, "asr-toy", score + (0.01 if seed else -0.01), seed=seed, kind="speech-recognition"
+            )
+            rows.append({**row, "primary_metric": "wer", "role": {"fp32": "reference", "rtn": "baseline"}.get(method)})
+        rows.append({**result_row("awq", "W4A32", "asr-toy", 0.25, seed=seed), "primary_metric": "wer", "role": None})
+    return rows
+
+
+def test_lower_is_better_metric_ranks_lowest_best_and_is_not_scaled(tmp_path):
+    loaded = _plugin()
+    board = build(_rows(), [], [], metrics=loaded.metrics)
+    assert board.table.loc[("gptq", "none"), ("W4A32", "asr-toy")] == "0.20 ± 0.01"  # as stored: not x100
+    assert board.table.loc[("fp32", "none"), ("FP32", "asr-toy")] == "0.10 ± 0.01"
+    assert board.lower_is_better("asr-toy") and board.lower_is_better(f"{DELTA}fp32")
+    best = board.best()
+    assert best[("W4A32", "asr-toy")] == ("gptq", "none")  # the lowest error, not the highest
+    assert best[("W4A32", f"{DELTA}fp32")] == ("gptq", "none")  # the smallest increase over the reference
+    assert any(note.startswith("asr-toy: wer on") for note in board.notes)  # no "x100"
+    md = loaded.reporters.get("md")(board, tmp_path / "b.md")
+    assert "**0.20 ± 0.01**" in md
+
+
+def test_the_same_rows_without_the_plugin_read_as_stored():
+    """A metric no installed plugin registers (a run dir from elsewhere): unscaled, higher taken as better, and
+    the notes say so instead of ranking it silently."""
+    board = build(_rows(), [], [], metrics=plugins.default().metrics)
+    assert board.best()[("W4A32", "asr-toy")] == ("rtn", "none")
+    assert any("no installed plugin registers" in note for note in board.notes)
 
 
 def _model(kind: str) -> models.ResolvedModel:
