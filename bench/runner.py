@@ -190,7 +190,7 @@ def run(
         )
         echo(f"run dir: {out}  ({len(cells)} cells, model {resolved.name} from {resolved.source})")
         counts = runner.run(cells, force=force, retry_failed_only=retry_failed, executor=pool)
-        board = load_leaderboard([str(out)], skip_damaged=skip_damaged)
+        board = load_leaderboard([str(out)], skip_damaged=skip_damaged, plugins=plugins)
         for fmt in formats:
             board.write(fmt, out / f"leaderboard.{fmt}", plugins=plugins)
     latest = store.latest()
