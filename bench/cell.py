@@ -34,7 +34,7 @@ from bench.training import seed_everything
 
 log = logging.getLogger(__name__)
 
-LATENCY_TOKENS, LATENCY_WARMUP, LATENCY_REPEATS = 128, 3, 20
+LATENCY_TOKENS, LATENCY_WARMUP, LATENCY_MIN_RUN_S = 128, 3, 1.0
 
 Rows = Iterator[tuple[Cell, dict]]
 
@@ -267,7 +267,7 @@ class CellRunner:
         inputs = token_inputs(LATENCY_TOKENS, model.config.vocab_size)
         # decoders: the 128-token forward is the prefill, and one generated token on its KV cache is the decode
         decoder = hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()
-        stats = model_latency(model, inputs, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS, decode=decoder)
+        stats = model_latency(model, inputs, warmup=LATENCY_WARMUP, min_run_time=LATENCY_MIN_RUN_S, decode=decoder)
         return {**stats, "batch_size": 1, "seq_len": LATENCY_TOKENS, "phase": "prefill" if decoder else "forward"}
 
     def _row(self, cell, task_entry, method_entry, *, started, t0=None, error=None, data=None) -> dict:

@@ -73,13 +73,12 @@ def linear_stack(args):
     def times(net):
         out = {}
         for key, x in inputs.items():
-            reps = args.repeats if x.shape[0] == 1 else max(5, args.repeats // 2)
 
             def run(net=net, x=x):
                 with torch.inference_mode():
                     net(x)
 
-            out[key] = measure(run, warmup=3, repeats=reps, threads=args.threads)
+            out[key] = measure(run, warmup=3, min_run_time=args.min_run_time, threads=args.threads)
         return out
 
     _header(f"Linear stack: {depth} x Linear({dim}, {dim}), {args.threads} threads", list(inputs))
@@ -118,7 +117,11 @@ def minilm(args):
     fp32_bytes = fp32_size_bytes(model)
 
     def times(net):
-        return {"1 x 128": latency_of_model(net, batch, warmup=3, repeats=args.model_repeats, threads=args.threads)}
+        return {
+            "1 x 128": latency_of_model(
+                net, batch, warmup=3, min_run_time=args.model_min_run_time, threads=args.threads
+            )
+        }
 
     _header(f"MiniLM-L6 forward (classifier FP32), {args.threads} threads", ["1 x 128"])
     base = times(model)
@@ -160,8 +163,9 @@ def smollm(args):
     def times(net):
         out = {}
         for key, batch in inputs.items():
-            reps = args.model_repeats if batch["input_ids"].shape[1] == 1 else max(3, args.model_repeats // 2)
-            out[key] = latency_of_model(net, batch, warmup=2, repeats=reps, threads=args.threads)
+            out[key] = latency_of_model(
+                net, batch, warmup=2, min_run_time=args.model_min_run_time, threads=args.threads
+            )
         return out
 
     _header(
@@ -196,8 +200,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=4, help="Linear layers in the stack")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per Linear-stack figure")
-    parser.add_argument("--model-repeats", type=int, default=10, help="timed calls per model figure")
+    parser.add_argument(
+        "--min-run-time", type=float, default=0.5, help="seconds of timed calls per Linear-stack figure (torch's Timer)"
+    )
+    parser.add_argument("--model-min-run-time", type=float, default=1.0, help="seconds of timed calls per model figure")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-smollm", action="store_true")
     args = parser.parse_args()

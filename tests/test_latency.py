@@ -13,8 +13,9 @@ from bench.quant.layers import freeze, quantize_model
 class _FakeTime:
     """A clock that only moves when the measured function runs: call i takes durations[i] seconds."""
 
-    def __init__(self, durations):
+    def __init__(self, durations, read_cost=0.0):
         self.now = 0.0
+        self.read_cost = read_cost  # seconds each clock read itself takes (a real clock's overhead)
         self.durations = list(durations)
         self.calls = 0
         self.reads = 0
@@ -22,7 +23,8 @@ class _FakeTime:
 
     def clock(self):
         self.reads += 1
-        return self.now
+        self.now += self.read_cost
+        return self.now - self.read_cost
 
     def fn(self):
         self.threads_seen.append(torch.get_num_threads())
@@ -32,15 +34,26 @@ class _FakeTime:
 
 def test_measure_reports_numpy_percentiles_of_the_timed_calls_only():
     warm = [5.0, 2.0, 1.0]  # seconds: the first calls are slow and must not be counted
+    estimate = [0.010]  # torch's Timer times one call to size its blocks: >= 1 ms, so blocks of one call
     timed = [0.010, 0.012, 0.011, 0.030, 0.009, 0.010, 0.050, 0.013, 0.011, 0.010, 0.012]
-    fake = _FakeTime(warm + timed)
-    stats = measure(fake.fn, warmup=3, repeats=len(timed), clock=fake.clock)
+    fake = _FakeTime(warm + estimate + timed + [1.0] * 5)
+    stats = measure(fake.fn, warmup=3, min_run_time=sum(timed) - 0.001, clock=fake.clock)
     ms = np.array(timed) * 1000
     for q in (50, 90, 99):
-        assert stats[f"p{q}"] == pytest.approx(np.percentile(ms, q), rel=1e-12)
-    assert stats["mean"] == pytest.approx(ms.mean(), rel=1e-12)
-    assert stats["n"] == len(timed) and stats["warmup"] == 3
-    assert fake.calls == 3 + len(timed) and fake.reads == 2 * len(timed)
+        assert stats[f"p{q}"] == pytest.approx(np.percentile(ms, q), rel=1e-9)
+    assert stats["mean"] == pytest.approx(ms.mean(), rel=1e-9)
+    q75, q25 = np.percentile(ms, [75, 25])
+    assert stats["iqr"] == pytest.approx(q75 - q25, rel=1e-6)
+    assert stats["n"] == len(timed) and stats["block"] == 1 and stats["warmup"] == 3
+    assert fake.calls == 3 + 1 + len(timed)  # it stops once min_run_time of timed calls is reached
+    assert stats["timer"] == "torch.utils.benchmark.blocked_autorange"
+
+
+def test_fast_calls_are_timed_in_blocks_and_reported_per_call():
+    fake = _FakeTime([0.0001] * 100_000, read_cost=1e-6)  # 0.1 ms a call, 1 us a clock read
+    stats = measure(fake.fn, warmup=1, min_run_time=0.05, clock=fake.clock)
+    assert stats["block"] == 100 and stats["n"] % 100 == 0  # the clock's overhead is 1e-4 of a block
+    assert stats["p50"] == pytest.approx(0.1, rel=1e-3) and stats["p99"] == pytest.approx(0.1, rel=1e-3)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 20, 101])
@@ -53,19 +66,21 @@ def test_percentile_matches_numpy_linear(n):
 def test_first_call_is_never_timed():
     with pytest.raises(ValueError, match="warmup"):
         measure(lambda: None, warmup=0)
-    fake = _FakeTime([100.0, 0.001])
-    stats = measure(fake.fn, warmup=1, repeats=1, clock=fake.clock)
+    with pytest.raises(ValueError, match="min_run_time"):
+        measure(lambda: None, min_run_time=0)
+    fake = _FakeTime([100.0, 0.001, 0.001])
+    stats = measure(fake.fn, warmup=1, min_run_time=0.001, clock=fake.clock)
     assert stats["p99"] == pytest.approx(1.0)
 
 
 def test_threads_are_pinned_recorded_and_restored():
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2
-    fake = _FakeTime([0.001] * 4)
-    stats = measure(fake.fn, warmup=1, repeats=3, threads=target, clock=fake.clock)
-    assert stats["threads"] == target and set(fake.threads_seen) == {target}
+    fake = _FakeTime([0.001] * 10)
+    stats = measure(fake.fn, warmup=1, min_run_time=0.003, threads=target, clock=fake.clock)
+    assert stats["threads"] == target and set(fake.threads_seen) == {target}  # the warm-up too
     assert torch.get_num_threads() == before
-    assert measure(lambda: None, warmup=1, repeats=1)["threads"] == before
+    assert measure(lambda: None, warmup=1, min_run_time=0.001)["threads"] == before
 
 
 class _Probe(nn.Module):
@@ -83,20 +98,22 @@ class _Probe(nn.Module):
 
 def test_latency_of_model_runs_in_inference_mode_and_eval():
     model = _Probe().train()
-    ticks = iter(range(1000))
-    stats = latency_of_model(model, token_inputs(5, 64), warmup=2, repeats=4, clock=lambda: next(ticks) * 0.002)
+    # the clock moves 2 ms per forward call (a clock moving on every read would look like pure timer overhead)
+    stats = latency_of_model(
+        model, token_inputs(5, 64), warmup=2, min_run_time=0.008, clock=lambda: len(model.seen) * 0.002
+    )
     assert stats["p50"] == pytest.approx(2.0) and stats["n"] == 4
-    assert model.seen == [(True, False, (1, 5))] * 6
+    assert model.seen == [(True, False, (1, 5))] * (2 + 1 + 4)  # warm-up, the timer's block sizing, timed
     assert model.training  # restored
 
 
 def test_model_latency_names_the_kernel():
     torch.manual_seed(0)
     model = freeze(quantize_model(_Probe(), QuantSpec(4, granularity="per-group", group_size=32)))
-    row = model_latency(model, token_inputs(3, 64), warmup=1, repeats=2)
+    row = model_latency(model, token_inputs(3, 64), warmup=1, min_run_time=0.01)
     assert row["kernel"] == "int4pack" and row["kernels"] == {"int4pack": 1}
-    assert set(row) >= {"p50", "p90", "p99", "mean", "n", "warmup", "threads"}
-    assert model_latency(_Probe(), token_inputs(3, 64), warmup=1, repeats=2)["kernel"] == "fp32"
+    assert set(row) >= {"p50", "p90", "p99", "mean", "iqr", "n", "block", "warmup", "threads", "min_run_s", "timer"}
+    assert model_latency(_Probe(), token_inputs(3, 64), warmup=1, min_run_time=0.01)["kernel"] == "fp32"
 
 
 def test_token_inputs_are_fixed_by_seed():
@@ -113,8 +130,9 @@ def test_decode_step_reuses_the_prompt_cache_and_restores_it():
     model, _ = tiny_llama()
     inputs = token_inputs(12, model.config.vocab_size)
     calls = []
-    stats = decode_latency(model, inputs, warmup=2, repeats=5, clock=lambda: calls.append(1) or len(calls) * 0.001)
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    stats = decode_latency(model, inputs, warmup=2, min_run_time=0.005, clock=lambda: len(calls) * 0.001)
     assert stats["n"] == 5 and stats["p50"] == pytest.approx(1.0)  # 1 ms per step on the fake clock
-    row = model_latency(model, inputs, warmup=1, repeats=2, decode=True)
-    assert row["kernel"] == "fp32" and row["decode"]["n"] == 2
-    assert "decode" not in model_latency(model, inputs, warmup=1, repeats=2)
+    row = model_latency(model, inputs, warmup=1, min_run_time=0.01, decode=True)
+    assert row["kernel"] == "fp32" and row["decode"]["n"] >= 1
+    assert "decode" not in model_latency(model, inputs, warmup=1, min_run_time=0.01)

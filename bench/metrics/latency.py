@@ -1,11 +1,16 @@
-"""Latency with warm-up and percentiles (the optimum-benchmark recipe), on a pinned thread count.
+"""Latency on torch's own timer (``torch.utils.benchmark``), with warm-up and percentiles, on pinned threads.
 
 The first call of anything pays one-time costs (allocator growth, kernel weight packing, lazy init),
-so it is never timed: ``warmup`` (at least 1) untimed calls come first. Then ``repeats`` calls are timed
-one by one and summarized as p50/p90/p99/mean in milliseconds. Percentiles interpolate linearly between
-order statistics (numpy's default), so few repeats give a p99 close to the maximum. The thread count is
-set for the measurement and recorded, because CPU latency is meaningless without it; on a shared
-machine the figures are noisy, and p50 is the figure to compare.
+so it is never timed: ``warmup`` (at least 1) untimed calls come first. Then ``Timer.blocked_autorange``
+times the call for at least ``min_run_time`` seconds: it sizes a block of calls so that the clock's own
+overhead is negligible (one call per block for anything slower than a millisecond, so a model's figures
+are per call), times block after block with the garbage collector off (``timeit``), and pins the thread
+count for the measurement. The per-call times are summarized as p50/p90/p99/mean in milliseconds;
+percentiles interpolate linearly between order statistics (numpy's default), so few samples give a p99
+close to the maximum. A time budget rather than a call count, as the field's timers do: a 300 ms prefill
+and a 3 ms Linear get comparable confidence from one setting. The thread count is recorded because CPU
+latency is meaningless without it; on a shared machine the figures are noisy, and p50 is the figure to
+compare.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 from bench.quant.kernels import build_latency_model, kernel_label
 
@@ -47,34 +53,48 @@ def measure(
     fn: Callable[[], Any],
     *,
     warmup: int = 3,
-    repeats: int = 20,
+    min_run_time: float = 1.0,
     threads: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float | int]:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones; milliseconds.
+) -> dict[str, float | int | str]:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``Timer.blocked_autorange(min_run_time)``; milliseconds.
 
-    Returns ``{p50, p90, p99, mean, n, warmup, threads}``. ``threads`` (default: torch's current count)
-    is pinned with ``torch.set_num_threads`` for the measurement and restored afterwards. ``clock`` (seconds)
-    is injectable so tests can drive it with known durations.
+    Returns ``{p50, p90, p99, mean, iqr, n, block, warmup, threads, min_run_s, timer}``: ``n`` timed calls in
+    blocks of ``block`` (per-call figures are block means when ``block`` > 1, i.e. for calls under a
+    millisecond). ``threads`` (default: torch's current count) is pinned by the timer for the measurement
+    and restored afterwards. ``clock`` (seconds) is injectable so tests can drive it with known durations.
     """
     if warmup < 1:
         raise ValueError("warmup must be >= 1: the first call pays one-time costs and is never timed")
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    previous = torch.get_num_threads()
-    pinned = previous if threads is None else int(threads)
-    torch.set_num_threads(pinned)
-    try:
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time!r}")
+    pinned = torch.get_num_threads() if threads is None else int(threads)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, timer=clock, num_threads=pinned)
+    with _threads(pinned):
         for _ in range(warmup):
             fn()
-        durations = []
-        for _ in range(repeats):
-            start = clock()
-            fn()
-            durations.append(clock() - start)
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return {
+        **summarize_ms(measurement.times),
+        "iqr": measurement.iqr * 1000,
+        "n": len(measurement.times) * measurement.number_per_run,
+        "block": measurement.number_per_run,
+        "warmup": warmup,
+        "threads": pinned,
+        "min_run_s": min_run_time,
+        "timer": "torch.utils.benchmark.blocked_autorange",
+    }
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """The warm-up runs on the thread count it warms up for (some kernels pack weights per thread count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous)
-    return {**summarize_ms(durations), "n": repeats, "warmup": warmup, "threads": pinned}
 
 
 def latency_of_model(
@@ -82,10 +102,10 @@ def latency_of_model(
     inputs: dict[str, torch.Tensor],
     *,
     warmup: int = 3,
-    repeats: int = 20,
+    min_run_time: float = 1.0,
     threads: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | str]:
     """``measure`` of ``model(**inputs)`` in eval mode under ``torch.inference_mode`` (no autograd cost)."""
 
     def forward():
@@ -93,7 +113,7 @@ def latency_of_model(
             model(**inputs)
 
     with _eval_mode(model):
-        return measure(forward, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
+        return measure(forward, warmup=warmup, min_run_time=min_run_time, threads=threads, clock=clock)
 
 
 @contextmanager
@@ -112,10 +132,10 @@ def decode_latency(
     inputs: dict[str, torch.Tensor],
     *,
     warmup: int = 3,
-    repeats: int = 20,
+    min_run_time: float = 1.0,
     threads: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | str]:
     """One generated token after the prompt ``inputs``, reusing the prompt's KV cache (decode step latency).
 
     The cache is cropped back to the prompt after every step, so each timed call does the same work.
@@ -135,7 +155,7 @@ def decode_latency(
         cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
 
     with _eval_mode(model):
-        return measure(step, warmup=warmup, repeats=repeats, threads=threads, clock=clock)
+        return measure(step, warmup=warmup, min_run_time=min_run_time, threads=threads, clock=clock)
 
 
 def model_latency(
@@ -143,7 +163,7 @@ def model_latency(
     inputs: dict[str, torch.Tensor],
     *,
     warmup: int = 3,
-    repeats: int = 20,
+    min_run_time: float = 1.0,
     threads: int | None = None,
     inplace: bool = False,
     decode: bool = False,
@@ -152,16 +172,16 @@ def model_latency(
 
     Builds the latency model (a deep copy unless ``inplace``: in place saves the copy's memory but leaves
     ``model`` on bfloat16 kernels, fit only for timing), times ``model(**inputs)`` and returns
-    ``{p50, p90, p99, mean, n, warmup, threads, kernel, kernels}`` with ``kernel`` the model-level label
+    ``measure``'s statistics plus ``kernel`` and ``kernels`` with ``kernel`` the model-level label
     ("fp32", "simulated", "int8pack", "int4pack", ...) and ``kernels`` the layer count per kernel. With
     ``decode`` (decoders) the forward of the prompt is the prefill and ``decode`` holds the same statistics
     for one generated token on the prompt's KV cache.
     """
     fast, kernels = build_latency_model(model, inplace=inplace)
-    stats = latency_of_model(fast, inputs, warmup=warmup, repeats=repeats, threads=threads)
+    stats = latency_of_model(fast, inputs, warmup=warmup, min_run_time=min_run_time, threads=threads)
     out = {**stats, "kernel": kernel_label(kernels), "kernels": kernels}
     if decode:
-        out["decode"] = decode_latency(fast, inputs, warmup=warmup, repeats=repeats, threads=threads)
+        out["decode"] = decode_latency(fast, inputs, warmup=warmup, min_run_time=min_run_time, threads=threads)
     return out
 
 
