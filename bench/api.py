@@ -60,6 +60,14 @@ class QuantSpec:
             parts.append("+emb")
         return " ".join(parts)
 
+    def key(self) -> str:
+        """The spec in a result's resume key: the label and every grid field spelled out, so a key never depends
+        on which fields the label shows ('W4A32 g128|per-group128|sym|16lv'). Frozen: run dirs resume by it."""
+        group = f"{self.group_size}" if self.granularity == "per-group" else ""
+        return f"{self.label()}|{self.granularity}{group}|{'sym' if self.symmetric else 'asym'}|{self.levels}lv" + (
+            "|emb" if self.embeddings else ""
+        )
+
     @property
     def levels(self) -> int:
         """Distinct weight values per row/group: 2^b, or 2^b - 1 on the narrow grid."""
@@ -126,7 +134,6 @@ class MethodContext:
     # pretrained() -> a fresh copy of the *pre-trained* model with a new task head (what the FP reference was
     # fine-tuned from), for methods that quantize before fine-tuning (PreQuant); weights only, no data
     pretrained: Callable[[], Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     # what the method wants recorded in its result row (``method_info``): e.g. its trainable-parameter fraction
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -185,6 +192,10 @@ class Method:
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+        # The name the method runs under (``--methods NAME``): the runner sets it to the registered name, so one
+        # class registered under two names (``gan`` is ZSAQ's class without SAM) says which one ran in its
+        # messages and progress bars; the class name until then (a method built by hand, in a test).
+        self.name: str = type(self).__name__.lower()
 
     def quantize(self, model, spec: QuantSpec, context: MethodContext):  # pragma: no cover - interface
         raise NotImplementedError

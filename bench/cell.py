@@ -149,6 +149,7 @@ class CellRunner:
         try:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
+            method.name = method_entry.name
             student = copy.deepcopy(prepared.fp_model)
             meter = MethodMeter(student)
             context = self.method_context(method, task, tokenizer, data, recipe, cell.seed, watch=meter.watch)

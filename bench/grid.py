@@ -51,17 +51,7 @@ class Cell:
     @property
     def key(self) -> str:
         """The resume key: every input that changes the result, in a readable form."""
-        grid = (
-            "fp"
-            if self.spec is None
-            else (
-                f"{self.bits_label}|{self.spec.granularity}"
-                + (f"{self.spec.group_size}" if self.spec.granularity == "per-group" else "")
-                + ("|sym" if self.spec.symmetric else "|asym")
-                + f"|{self.spec.levels}lv"
-                + ("|emb" if self.spec.embeddings else "")
-            )
-        )
+        grid = "fp" if self.spec is None else self.spec.key()
         return (
             f"{self.method}|cfg={self.config_hash}|{grid}|{self.task}|{self.model}|seed={self.seed}"
             f"|ft={digest(self.recipe)}|limit={self.limit}" + (f"|data={self.data_dir}" if self.data_dir else "")

@@ -29,7 +29,10 @@ def register_methods(register):
     defaults; ``--set NAME.FIELD=VALUE`` overrides them, and its ``__post_init__`` may refuse a value with
     ``ValueError("FIELD=VALUE: why")``, reported before any cell runs), ``default_act_bits``, and ``role``:
     "reference" (the unquantized model every table starts from) or "baseline" (the plain method every quantized
-    cell is compared with at its grid); exactly one installed method may hold each role.
+    cell is compared with at its grid); exactly one installed method may hold each role. The instance's ``name`` is
+    the name it runs under (one class may be registered under several), for its messages and progress bars. A
+    fresh instance quantizes each cell: keep what a cell learns in ``context.report`` (it goes into the row's
+    ``method_info``), never on the instance or the class.
     """
 
 

@@ -13,8 +13,8 @@ parameter of the model but the steps: Linear weights, biases, LayerNorms, embedd
 LSQ step sizes at ``step_lr`` without weight decay.
 
 - ``lsq``: plain LSQ QAT, one joint gradient step on weights and step sizes per batch (the train_loop default).
-- ``squat``: the same, but each update is SQuAT's alternation (``SQuATUpdate``): a SAM step on the weights
-  with the step sizes frozen, and a plain step on the step sizes with the weights frozen.
+- ``squat``: the same, but each update is SQuAT's alternation (``methods/squat.py``, ``SQuATUpdate``): a SAM
+  step on the weights with the step sizes frozen, and a plain step on the step sizes with the weights frozen.
 
 Budget defaults fit the 2-core CPU this benchmark is developed on (one epoch over 1,500 training examples of
 the task, batch and length of the task's fine-tune recipe: 47 steps on SST-2); they are budget choices, not
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from bench.api import Method, MethodContext, QuantSpec, check_range
-from bench.quant import LSQQuantizer, QuantLinear, quantize_model
-from bench.training import ClipThenStep, distill_loss, frozen, gradient_step, sam_step, train_loop
+from bench.quant import LSQQuantizer, quantize_model
+from bench.training import distill_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,6 @@ class QATMethod(Method):
 
     data_used = "labeled"
     Config = QATConfig
-    name = "qat"
 
     def update(self, objective: Distilled, model: nn.Module, steps_per_epoch: int) -> Callable | None:
         """The per-batch update for ``train_loop`` (None: its default joint gradient step on ``objective``)."""
@@ -151,78 +150,3 @@ class QATMethod(Method):
             lsq_layers=len(steps),
         )
         return model.eval()
-
-
-def lsq_layers(model: nn.Module) -> list[QuantLinear]:
-    return [m for m in model.modules() if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, LSQQuantizer)]
-
-
-def _rng_states() -> tuple:
-    cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return cpu, cuda
-
-
-def _set_rng_states(states: tuple) -> None:
-    cpu, cuda = states
-    torch.random.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-class SQuATUpdate:
-    """SQuAT's alternating update (a ``train_loop`` step function).
-
-    - ``weight_phase``: the sharpness objective on the weights, step sizes frozen: one ``sam_step`` (ascend to
-      w + e with e = rho * g/||g||, take the gradient there, restore w, step). ``perturb="quantized"`` moves the
-      quantized weights (the forward reads Q(w) + e, ``bench.training.perturb_quantized``), ``"latent"`` the
-      float weights before rounding (Q(w + e)). Both loss evaluations see the same dropout masks (the RNG state
-      is replayed), so their gap is the perturbation's.
-    - ``step_size_phase``: the plain objective on the step sizes, weights frozen: one gradient step.
-    - ``schedule``: ``"step"`` runs both phases on every batch (weights, then step sizes); ``"alternate"``
-      alternates them batch by batch; ``"epoch"`` alternates whole epochs (weights first; needs epochs >= 2).
-    """
-
-    def __init__(self, objective: Distilled, model: nn.Module, config, steps_per_epoch: int):
-        self.objective, self.config, self.steps_per_epoch = objective, config, max(1, steps_per_epoch)
-        self.weights, self.steps = split_parameters(model)
-        self.layers = lsq_layers(model)
-        self.calls = 0
-        self.gaps: list[float] = []  # loss at w + e minus loss at w, per weight phase
-
-    def weight_phase(self, model: nn.Module, batch: dict, optimizer, teacher_logits=None) -> float:
-        cfg = self.config
-        states = _rng_states()
-
-        def closure() -> torch.Tensor:
-            _set_rng_states(states)
-            return self.objective(model, batch, teacher_logits)
-
-        with frozen(self.steps):
-            loss, perturbed = sam_step(
-                self.weights,
-                closure,
-                ClipThenStep(optimizer, self.weights, cfg.max_grad_norm),
-                rho=cfg.rho,
-                quantized=self.layers if cfg.perturb == "quantized" else (),
-            )
-        self.gaps.append(perturbed - loss)
-        return loss
-
-    def step_size_phase(self, model: nn.Module, batch: dict, optimizer, teacher_logits=None) -> float:
-        with frozen(self.weights):
-            loss = self.objective(model, batch, teacher_logits)
-            return gradient_step(loss, self.steps, optimizer, self.config.max_grad_norm)
-
-    def __call__(self, model: nn.Module, batch: dict, optimizer) -> float:
-        index, self.calls = self.calls, self.calls + 1
-        teacher_logits = self.objective.teacher_logits(batch)
-        schedule = self.config.schedule
-        if schedule == "step":
-            loss = self.weight_phase(model, batch, optimizer, teacher_logits)
-            self.step_size_phase(model, batch, optimizer, teacher_logits)
-            return loss
-        phase = index if schedule == "alternate" else index // self.steps_per_epoch
-        if phase % 2 == 0:
-            return self.weight_phase(model, batch, optimizer, teacher_logits)
-        return self.step_size_phase(model, batch, optimizer, teacher_logits)

@@ -203,12 +203,12 @@ class AWQ(Method):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        batches = context.calibration_batches(self.config.n_samples, "awq")
+        batches = context.calibration_batches(self.config.n_samples, self.name)
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
         alphas = {}
         for stage, module in _stages(model):
             alphas.update(quantize_stage(model, batches, stage, module, self.config))
-        self.chosen_alphas = alphas  # for inspection and tests
+        context.report["alphas"] = alphas  # the searched exponent per layer, in the row (method_info)
         return freeze(model)  # layers no calibration token reached: plain RTN
 
 

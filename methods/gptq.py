@@ -6,7 +6,7 @@ itself runs in full precision (its layers' quantizers are bypassed during the pa
 blocks (BERT's pooler, a decoder's input projection) are quantized in the same execution order: those
 that run before the first block first, the rest last.
 
-The grid is the cell's ``QuantSpec`` grid with static groups (see ``bench.quant.gptq``); ``clip`` picks its
+The grid is the cell's ``QuantSpec`` grid with static groups (see ``methods._gptq_solver``); ``clip`` picks its
 range like RTN's (``--set gptq.clip=mse`` is GPTQ's own shrink search). Activations are quantized (A-bits)
 in the forward as usual, but the Hessian is built from the float input of each layer, as GPTQ does.
 """
@@ -20,13 +20,13 @@ from functools import partial
 from typing import Literal
 
 import torch
+from bench.methods._gptq_solver import HessianAccumulator, gptq_layer
 from torch import nn
 from tqdm.auto import tqdm
 
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
-from bench.quant.gptq import HessianAccumulator, gptq_layer
 from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
 
 
@@ -53,7 +53,7 @@ class GPTQ(Method):
         model = quantize_model(
             model, spec, keep_fp=context.keep_fp, weight_quantizer=partial(WeightQuantizer, clip=cfg.clip)
         )
-        batches = _to_device(context.calibration_batches(cfg.n_samples, "gptq"), _model_device(model))
+        batches = _to_device(context.calibration_batches(cfg.n_samples, self.name), _model_device(model))
         for group, stop_after in _units(model, batches):
             self._quantize_group(model, batches, group, stop_after)
         return freeze(model)

@@ -20,7 +20,6 @@ class LSQ(QATMethod):
     )
     data_used = "labeled"
     Config = QATConfig
-    name = "lsq"
 
 
 @hookimpl

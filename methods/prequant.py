@@ -110,7 +110,6 @@ class PreQuant(Method):
     )
     data_used = "labeled"
     Config = PreQuantConfig
-    name = "prequant"
 
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
         cfg = self.config

@@ -98,7 +98,7 @@ class SmoothQuant(Method):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
-        batches = context.calibration_batches(self.config.n_samples, "smoothquant")
+        batches = context.calibration_batches(self.config.n_samples, self.name)
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
         with float_layers(m for m in model.modules() if isinstance(m, QuantLinear)):
             smooth_model(model, batches, self.config.alpha, self.config.layers)

@@ -244,7 +244,7 @@ class ZSAQ(Method):
         rng = torch.Generator().manual_seed(context.seed)
         make_inputs, gen_opt = self._input_maker(cfg, student, teacher, context, device, rng)
         student_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-        bar = tqdm(range(cfg.steps), desc=f"{type(self).__name__} W{spec.w_bits}", leave=False, dynamic_ncols=True)
+        bar = tqdm(range(cfg.steps), desc=f"{self.name} W{spec.w_bits}", leave=False, dynamic_ncols=True)
         history = []
         for step in bar:
             if gen_opt is not None and step % cfg.student_steps == 0:

@@ -102,3 +102,28 @@ def test_a_model_of_no_known_kind_must_name_its_tasks(tmp_path):
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
     with pytest.raises(BenchError, match="name its tasks"):
         plan(GridRequest(methods=["rtn"], bits=[4], model=str(tmp_path / "odd")), plugins.default())
+
+
+class _SaysItsName(bench.api.Method):
+    """One class registered under two names: each run of it must know which name it ran as."""
+
+    def quantize(self, model, spec, context):
+        context.report["ran_as"] = self.name
+        return bench.quant.quantize_model(model, spec, keep_fp=context.keep_fp)
+
+
+def test_a_method_knows_the_name_it_was_registered_under(tmp_path):
+    import types
+
+    @bench.hookimpl
+    def register_methods(register):
+        register("name-a", _SaysItsName)
+        register("name-b", _SaysItsName)
+
+    module = types.ModuleType("twonames")
+    module.register_methods = register_methods
+    loaded = plugins.load(extra=[("twonames", module)])
+    kwargs = {**_example_kwargs(tmp_path / "names"), "methods": ["name-a", "name-b"], "bits": [4], "formats": ()}
+    result = bench.run(**kwargs, reference=False, baseline=False, plugins=loaded)
+    assert {r["method"]: r["method_info"]["ran_as"] for r in result.rows} == {"name-a": "name-a", "name-b": "name-b"}
+    assert _SaysItsName().name == "_saysitsname"  # built by hand: its class name

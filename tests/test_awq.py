@@ -56,10 +56,10 @@ def _brute_force_alpha(w, b, x, spec, grid):
 @pytest.mark.parametrize("spec", [QuantSpec(3), QuantSpec(4, granularity="per-group", group_size=16)])
 def test_scale_search_matches_brute_force(spec):
     fp, x = _linear(), _inputs(1)
-    method = AWQ(AWQConfig(clip_search=False))
-    model = method.quantize(copy.deepcopy(fp), spec, _context([{"x": x}], keep_fp=()))
+    context = _context([{"x": x}], keep_fp=())
+    model = AWQ(AWQConfig(clip_search=False)).quantize(copy.deepcopy(fp), spec, context)
     alpha, errors = _brute_force_alpha(fp.fc.weight.detach(), fp.fc.bias.detach(), x, spec, grid=20)
-    assert method.chosen_alphas == {"fc": pytest.approx(alpha)}
+    assert context.report["alphas"] == {"fc": pytest.approx(alpha)}
     assert 0 < alpha < 1 and min(errors) < 0.8 * errors[0]  # the search matters here
     expected = awq_scales(x.abs().mean(0), alpha)
     torch.testing.assert_close(model.fc.input_scale, expected, rtol=1e-5, atol=1e-6)
@@ -101,9 +101,9 @@ def test_duo_scaling_formula_and_result():
     groups = w.abs().reshape(48, 4, 16)
     w_mean = (groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(48, 64).mean(0)
     mean = cal.abs().mean(0)
-    method = AWQ(AWQConfig(duo_scaling=True, clip_search=False))
-    model = method.quantize(copy.deepcopy(fp), spec, _context([{"x": cal}], keep_fp=()))
-    alpha = method.chosen_alphas["fc"]
+    context = _context([{"x": cal}], keep_fp=())
+    model = AWQ(AWQConfig(duo_scaling=True, clip_search=False)).quantize(copy.deepcopy(fp), spec, context)
+    alpha = context.report["alphas"]["fc"]
     s = (mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp_min(1e-4)
     torch.testing.assert_close(model.fc.input_scale, s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=1e-6)
     rtn = RTN().quantize(copy.deepcopy(fp), spec, _context([], keep_fp=()))
@@ -155,13 +155,13 @@ def test_method_end_to_end_on_tiny_bert_beats_rtn(spec):
     fp = tiny_bert(outlier_scale=10.0)
     cal, held_out = padded_batches(3, seed=1), padded_batches(2, seed=2)
     reference = _logits(fp, held_out)
-    method = AWQ()
-    awq = method.quantize(copy.deepcopy(fp), spec, _context(cal))
+    context = _context(cal)
+    awq = AWQ().quantize(copy.deepcopy(fp), spec, context)
     rtn = RTN().quantize(copy.deepcopy(fp), spec, _context(cal))
 
     body = {n: m for n, m in awq.named_modules() if isinstance(m, QuantLinear)}
     assert "bert.pooler.dense" in body and type(awq.classifier) is nn.Linear  # outside the blocks, head kept
-    assert set(method.chosen_alphas) == set(body)
+    assert set(context.report["alphas"]) == set(body)
     assert all(m.input_scale is not None and m.weight_quantizer.frozen for m in body.values())
     attn = awq.bert.encoder.layer[0].attention.self
     assert torch.equal(attn.query.input_scale, attn.key.input_scale)  # q/k/v read one tensor: one scale

@@ -93,3 +93,18 @@ def test_meter_counts_no_backward_for_a_no_grad_forward(grad):
     with MethodMeter(student) as cost, torch.set_grad_enabled(grad):
         student(input_ids=torch.randint(0, 100, (2, 4)))
     assert (cost.forward_passes, cost.backward_passes) == (1, 0)
+
+
+def test_cell_keys_are_frozen_so_old_run_dirs_resume():
+    """The resume key of a cell is stored in every results.jsonl: its spelling must never change silently."""
+    from bench.api import QuantSpec
+    from bench.grid import Cell
+
+    def key(spec):
+        return Cell("rtn", {}, spec, "sst2", "minilm", 0, {"lr": 1}).key
+
+    assert key(None) == "rtn|cfg=44136fa355b3|fp|sst2|minilm|seed=0|ft=1efe365887b5|limit=None"
+    assert key(QuantSpec(4)).split("|")[2:7] == ["W4A32", "per-channel", "sym", "16lv", "sst2"]
+    grouped = QuantSpec(2, a_bits=8, granularity="per-group", group_size=64, symmetric=False, embeddings=True)
+    assert key(grouped).split("|")[2:8] == ["W2A8 g64 asym +emb", "per-group64", "asym", "4lv", "emb", "sst2"]
+    assert key(QuantSpec(2, narrow=True)).split("|")[2:6] == ["W2A32 narrow", "per-channel", "sym", "3lv"]

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from bench.methods._gptq_solver import HessianAccumulator, gptq_layer, gptq_quantize, inverse_hessian_cholesky
 from bench.methods.gptq import GPTQ, GPTQConfig
 from tiny import tiny_bert
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
-from bench.quant.gptq import HessianAccumulator, gptq_layer, gptq_quantize, inverse_hessian_cholesky
 from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear, WeightQuantizer, quantize_model
 from bench.quant.uniform import group_view, quantize_int
 

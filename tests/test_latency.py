@@ -125,13 +125,13 @@ def test_token_inputs_are_fixed_by_seed():
 def test_decode_step_reuses_the_prompt_cache_and_restores_it():
     from tiny import tiny_llama
 
-    from bench.metrics.latency import decode_latency, model_latency, token_inputs
+    from bench.metrics.latency import latency_of_model, model_latency, token_inputs
 
     model, _ = tiny_llama()
     inputs = token_inputs(12, model.config.vocab_size)
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
-    stats = decode_latency(model, inputs, warmup=2, min_run_time=0.005, clock=lambda: len(calls) * 0.001)
+    stats = latency_of_model(model, inputs, decode=True, warmup=2, min_run_time=0.005, clock=lambda: len(calls) * 0.001)
     assert stats["n"] == 5 and stats["p50"] == pytest.approx(1.0)  # 1 ms per step on the fake clock
     row = model_latency(model, inputs, warmup=1, min_run_time=0.01, decode=True)
     assert row["kernel"] == "fp32" and row["decode"]["n"] >= 1

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from bench.methods._qat import Distilled, SQuATUpdate, lsq_layers, split_parameters
+from bench.methods._qat import Distilled, split_parameters
 from bench.methods.lsq_qat import LSQ
-from bench.methods.squat import SQuAT, SQuATConfig
+from bench.methods.squat import SQuAT, SQuATConfig, SQuATUpdate, lsq_layers
 from test_prequant import _Classify, _context, _labeled
 from tiny import tiny_bert
 from torch import nn

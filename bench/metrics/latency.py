@@ -98,22 +98,40 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def latency_of_model(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    *,
-    warmup: int = 3,
-    min_run_time: float = 1.0,
-    threads: int | None = None,
-    clock: Callable[[], float] = time.perf_counter,
+    model: nn.Module, inputs: dict[str, torch.Tensor], *, decode: bool = False, **timing: Any
 ) -> dict[str, float | int | str]:
-    """``measure`` of ``model(**inputs)`` in eval mode under ``torch.inference_mode`` (no autograd cost)."""
+    """``measure`` (``timing``: its keywords) of ``model(**inputs)`` in eval mode under ``torch.inference_mode``
+    (no autograd cost); with ``decode``, of one generated token after the prompt ``inputs`` on the prompt's KV
+    cache (decode step latency), cropped back to the prompt after every step so each timed call does the same
+    work."""
+    with _eval_mode(model):
+        return measure(_decode_step(model, inputs) if decode else _forward(model, inputs), **timing)
 
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
     def forward():
         with torch.inference_mode():
             model(**inputs)
 
-    with _eval_mode(model):
-        return measure(forward, warmup=warmup, min_run_time=min_run_time, threads=threads, clock=clock)
+    return forward
+
+
+def _decode_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        out = model(**inputs, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+    next_ids = inputs["input_ids"][:, -1:]
+    mask = torch.ones(next_ids.shape[0], prompt_len + 1, dtype=torch.long)
+    # transformers 5 renamed past_key_values to cache; 4.x only knows the old name
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache})
+        cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
+
+    return step
 
 
 @contextmanager
@@ -127,61 +145,29 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def decode_latency(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    *,
-    warmup: int = 3,
-    min_run_time: float = 1.0,
-    threads: int | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float | int | str]:
-    """One generated token after the prompt ``inputs``, reusing the prompt's KV cache (decode step latency).
-
-    The cache is cropped back to the prompt after every step, so each timed call does the same work.
-    """
-    prompt_len = inputs["input_ids"].shape[1]
-    with _eval_mode(model), torch.inference_mode():
-        out = model(**inputs, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-    next_ids = inputs["input_ids"][:, -1:]
-    mask = torch.ones(next_ids.shape[0], prompt_len + 1, dtype=torch.long)
-    # transformers 5 renamed past_key_values to cache; 4.x only knows the old name
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def step():
-        with torch.inference_mode():
-            model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache})
-        cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
-
-    with _eval_mode(model):
-        return measure(step, warmup=warmup, min_run_time=min_run_time, threads=threads, clock=clock)
-
-
 def model_latency(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
     *,
-    warmup: int = 3,
-    min_run_time: float = 1.0,
-    threads: int | None = None,
     inplace: bool = False,
     decode: bool = False,
+    **timing: Any,
 ) -> dict[str, Any]:
     """A result row's ``latency``: the model on real kernels where torch has them, and which kernel ran.
 
     Builds the latency model (a deep copy unless ``inplace``: in place saves the copy's memory but leaves
-    ``model`` on bfloat16 kernels, fit only for timing), times ``model(**inputs)`` and returns
+    ``model`` on bfloat16 kernels, fit only for timing), times ``model(**inputs)`` (``timing``: ``measure``'s
+    keywords) and returns
     ``measure``'s statistics plus ``kernel`` and ``kernels`` with ``kernel`` the model-level label
     ("fp32", "simulated", "int8pack", "int4pack", ...) and ``kernels`` the layer count per kernel. With
     ``decode`` (decoders) the forward of the prompt is the prefill and ``decode`` holds the same statistics
     for one generated token on the prompt's KV cache.
     """
     fast, kernels = build_latency_model(model, inplace=inplace)
-    stats = latency_of_model(fast, inputs, warmup=warmup, min_run_time=min_run_time, threads=threads)
+    stats = latency_of_model(fast, inputs, **timing)
     out = {**stats, "kernel": kernel_label(kernels), "kernels": kernels}
     if decode:
-        out["decode"] = decode_latency(fast, inputs, warmup=warmup, min_run_time=min_run_time, threads=threads)
+        out["decode"] = latency_of_model(fast, inputs, decode=True, **timing)
     return out
 
 
