@@ -14,7 +14,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from bench.errors import PluginError
 from bench.grid import Cell
 from bench.metrics.cost import MethodMeter
 from bench.metrics.latency import model_latency, token_inputs
+from bench.metrics.memory import Phases
 from bench.metrics.sharpness import hessian_top_eig, hessian_trace, mean_loss, sharpness
 from bench.metrics.size import fp32_size_bytes, size_bytes
 from bench.plugins import Plugins
@@ -64,6 +65,7 @@ class Prepared:
     fp_model: torch.nn.Module
     tokenizer: Any
     finetune: dict | None  # the fine-tune cache entry (None for tasks that need no fine-tune)
+    phases: Phases = field(default_factory=Phases)  # "prepare": loading data and model, fine-tuning if not cached
 
 
 class CellRunner:
@@ -106,16 +108,18 @@ class CellRunner:
         Raises what loading or fine-tuning raised."""
         task = self.plugins.tasks.entry(cell.task).obj()
         recipe = task.Recipe(**cell.recipe)
-        data = self.load_data(task)
-        if task.needs_finetune:
-            fp_model, tokenizer, ft_info = models.load_finetuned(
-                self.resolved, task, data, cell.seed, recipe, device=self.device
-            )
-        else:
-            fp_model, tokenizer = task.load_model(self.resolved)
-            ft_info = None
-        fp_model.to(self.device).eval()
-        return Prepared(task, recipe, data, fp_model, tokenizer, ft_info)
+        phases = Phases()
+        with phases("prepare"):
+            data = self.load_data(task)
+            if task.needs_finetune:
+                fp_model, tokenizer, ft_info = models.load_finetuned(
+                    self.resolved, task, data, cell.seed, recipe, device=self.device
+                )
+            else:
+                fp_model, tokenizer = task.load_model(self.resolved)
+                ft_info = None
+            fp_model.to(self.device).eval()
+        return Prepared(task, recipe, data, fp_model, tokenizer, ft_info, phases)
 
     def run_group(self, group: list[Cell]) -> Rows:
         """``(cell, row)`` for each cell of a group sharing one FP model, prepared once; if preparing fails, every
@@ -154,22 +158,25 @@ class CellRunner:
             meter = MethodMeter(student)
             context = self.method_context(method, task, tokenizer, data, recipe, cell.seed, watch=meter.watch)
             seed_everything(cell.seed)
-            with meter:
+            phases = prepared.phases.copy()  # the group's prepare phase, then this cell's own
+            with phases("method"), meter:
                 model = method.quantize(student, cell.spec, context)
             if not isinstance(model, torch.nn.Module):
                 raise PluginError(
                     f"method '{cell.method}' ({method_entry.provider}) returned {type(model).__name__}, "
                     "not a torch.nn.Module"
                 )
-            timing, clock = {}, time.perf_counter()
-            preds, refs = task.predict(model, tokenizer, data, limit=cell.limit, device=self.device, recipe=recipe)
-            metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
-            timing["eval_s"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+            with phases("eval"):
+                preds, refs = task.predict(model, tokenizer, data, limit=cell.limit, device=self.device, recipe=recipe)
+                metrics = {m: self.plugins.metrics.get(m)(preds, refs) for m in task.metrics}
             footprint = {"size_bytes": size_bytes(model), "fp32_size_bytes": fp32_size_bytes(model)}
-            latency = self._latency(model) if self.latency else None
-            timing["latency_s"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
-            curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed) if self.sharpness else {}
-            timing["sharpness_s"] = round(time.perf_counter() - clock, 3)
+            latency, curvature = None, {}
+            if self.latency:
+                with phases("latency"):
+                    latency = self._latency(model)
+            if self.sharpness:
+                with phases("sharpness"):
+                    curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed)
         except Exception as exc:
             log.error("cell %s failed: %s", cell.key, describe_error(exc))
             log_traceback(exc)
@@ -183,7 +190,8 @@ class CellRunner:
             data_used=method.data_used,
             method_info=context.report or None,
             cost=meter.cost.as_row(),
-            timing=timing,
+            timing=phases.as_timing(),
+            peak_rss_mb=phases.peak,
             quantized=summarize(model),
             finetune=prepared.finetune,
             latency=latency,
@@ -300,7 +308,11 @@ class CellRunner:
             "data_used": method_entry.obj.data_used if method_entry else None,
             "role": getattr(method_entry.obj, "role", None) if method_entry else None,  # reference / baseline
             "cost": None,  # what Method.quantize spent (bench.metrics.cost): seconds, passes, steps, examples
-            "timing": None,  # seconds of the measurements after it: eval_s, latency_s, sharpness_s
+            # seconds and peak RSS (MiB) per phase: prepare_s (the group's: data, model, fine-tune unless cached,
+            # shared by its cells), method_s, eval_s, latency_s, sharpness_s, peak_rss_mb {phase: MiB},
+            # rss_scope ("phase": each peak measured alone; "process": peaks include what ran before)
+            "timing": None,
+            "peak_rss_mb": None,  # the cell's peak RSS (MiB): the largest phase peak
             "method_info": None,  # what the method reported (MethodContext.report), e.g. its trainable fraction
             "metrics": {},
             "score": None,

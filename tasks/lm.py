@@ -104,9 +104,15 @@ class PerplexityTask(Task):
         return self._random_windows(tokenizer, data, "train", n, seed=seed, device=device, recipe=recipe)
 
     def loss_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
-        """Seeded windows of the evaluation text (at most ``loss_windows``): the loss surface sharpness probes."""
+        """Seeded windows of the evaluation text (at most ``loss_windows``): the loss surface sharpness probes.
+
+        One window a batch: the gradient metrics hold one batch's graph at a time (``mean_loss(lazy=True)``), and
+        a batch of 8 x 512 tokens held gigabytes on a 49k-token vocabulary (logits, their log-softmax and its
+        gradient alone are 0.8 GB each). Every window is full, so the mean over batches is the same loss."""
         n = min(n, (recipe or LMRecipe()).loss_windows)
-        return self._random_windows(tokenizer, data, data.eval_split, n, seed=seed, device=device, recipe=recipe)
+        return self._random_windows(
+            tokenizer, data, data.eval_split, n, seed=seed, device=device, recipe=recipe, batch_size=1
+        )
 
     def loss(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -135,15 +141,13 @@ class PerplexityTask(Task):
         windows = len(self._train_windows(tokenizer, data, recipe, 0, examples))
         return math.ceil(windows / (batch_size or (recipe or LMRecipe()).calib_batch_size))
 
-    def _random_windows(self, tokenizer, data, split, n, *, seed, device, recipe) -> list[dict]:
+    def _random_windows(self, tokenizer, data, split, n, *, seed, device, recipe, batch_size=None) -> list[dict]:
         recipe = recipe or LMRecipe()
+        batch_size = batch_size or recipe.calib_batch_size
         ids = self.token_ids(tokenizer, data, split)
         starts = np.random.default_rng(seed).integers(0, max(1, len(ids) - recipe.calib_seq_len), size=n)
         windows = torch.stack([ids[s : s + recipe.calib_seq_len] for s in starts])
-        return [
-            {"input_ids": windows[i : i + recipe.calib_batch_size].to(device)}
-            for i in range(0, n, recipe.calib_batch_size)
-        ]
+        return [{"input_ids": windows[i : i + batch_size].to(device)} for i in range(0, n, batch_size)]
 
     @torch.no_grad()
     def predict(self, model, tokenizer, data: TaskData, *, limit=None, device="cpu", recipe=None):

@@ -104,3 +104,19 @@ def test_decoder_end_to_end(tiny_decoder, tmp_path):
     assert rows["W4A32"]["quantized"]["kept_fp"] == ["lm_head"]
     assert rows["W4A32"]["latency"]["phase"] == "prefill" and rows["W4A32"]["latency"]["decode"]["p50"] > 0
     assert "wikitext2" in (out / "leaderboard.md").read_text()
+
+
+def test_sharpness_batches_are_one_window_each_with_the_same_mean_loss(tiny_decoder):
+    """One window a batch keeps one small graph alive in the gradient metrics; the loss they probe is unchanged."""
+    from bench.metrics.sharpness import mean_loss
+
+    model, tokenizer = tiny_decoder
+    text = " ".join(f"word{i % 37} and more text {i}" for i in range(400))
+    data = TaskData({"test": {"text": [text]}}, "test", eval_split="test")
+    task, recipe = WikiText2(), LMRecipe(calib_seq_len=16, calib_batch_size=4, loss_windows=6)
+    batches = task.loss_batches(tokenizer, data, 100, seed=3, recipe=recipe)
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([1, 16])] * 6
+    together = {"input_ids": torch.cat([b["input_ids"] for b in batches])}
+    with torch.no_grad():
+        lazy = sum(mean_loss(batches, loss=task.loss, lazy=True)(model)).item()
+        assert lazy == pytest.approx(task.loss(model, together).item(), rel=1e-5)

@@ -1,0 +1,100 @@
+"""Wall time and peak resident memory (RSS) of each phase of a cell: what it costs to run, not what it scores.
+
+A benchmark that is to scale to bigger models has to say where its memory goes. Linux keeps a high-water mark
+of the process's RSS (``VmHWM`` in ``/proc/self/status``) and resets it on request (writing ``5`` to
+``/proc/self/clear_refs``, Linux >= 4.0), so each phase's peak is its own, not the largest of everything the
+process did before. Where that reset is unavailable (another OS, a locked-down container) the figure is the
+process's peak so far (``getrusage``), and ``scope`` says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of this process's RSS; False where the OS cannot (peaks are then cumulative)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB since the last ``reset_peak_rss`` (or since it started)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+class Phases:
+    """Seconds and peak RSS of named phases (``with phases("eval"): ...``), for a result row.
+
+    ``seconds`` holds ``{phase}_s`` (the row's ``timing``), ``peak_rss_mb`` the peak per phase, and ``scope`` is
+    "phase" when each peak was measured alone, "process" when peaks include what ran before.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.scope = "phase"
+
+    def copy(self) -> Phases:
+        """The phases so far, to continue with more (a cell continues its group's "prepare")."""
+        other = Phases()
+        other.seconds, other.peak_mb, other.scope = dict(self.seconds), dict(self.peak_mb), self.scope
+        return other
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not reset_peak_rss():
+            self.scope = "process"
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
+            self.peak_mb[name] = peak_rss_mb()
+
+    def as_timing(self) -> dict:
+        """The row's ``timing``: ``{phase}_s`` for each phase, ``peak_rss_mb`` per phase and ``rss_scope``."""
+        return {**self.seconds, "peak_rss_mb": dict(self.peak_mb), "rss_scope": self.scope}
+
+    @property
+    def peak(self) -> float | None:
+        """The largest phase peak (MiB): the row's ``peak_rss_mb``; None when no phase ran."""
+        return max(self.peak_mb.values()) if self.peak_mb else None
+
+
+PHASES = ("prepare", "method", "eval", "latency", "sharpness")
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Seconds per phase and peak RSS of each finished row, as ``bench show`` prints them (rows written before
+    phases were recorded show what they have: eval/latency/sharpness seconds, the method's from its cost)."""
+    from tabulate import tabulate
+
+    table = []
+    for row in rows:
+        timing, cost = row.get("timing") or {}, row.get("cost") or {}
+        seconds = {**({"method_s": cost["method_s"]} if "method_s" in cost else {}), **timing}
+        table.append(
+            [row.get("method"), row.get("bits"), row.get("task"), row.get("seed")]
+            + [seconds.get(f"{phase}_s") for phase in PHASES]
+            + [row.get("wall_time_s"), row.get("peak_rss_mb")]
+        )
+    headers = ["method", "bits", "task", "seed", *(f"{phase} s" for phase in PHASES), "cell s", "peak MiB"]
+    return tabulate(table, headers=headers, floatfmt=".1f", missingval="–")
