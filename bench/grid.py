@@ -1,14 +1,16 @@
 """The grid: what the user asked for (``GridRequest``) -> validated ``Cell``s. Nothing is loaded or written here.
 
-``plan`` checks every name and setting before any cell runs -- methods, tasks, ``--set`` values (typed, and
-range-checked by each plugin's settings class), bit-widths, seeds, the evaluation cap -- so a bad value is one
-``BenchError`` line and exit 2 with nothing written, never a grid of failed cells. It resolves the model first, so
-the defaults of its kind (task, weight granularity) follow what the model is, whatever name it was given by.
+``plan`` checks every name and setting before any cell runs -- methods, tasks, ``--set`` and ``--sweep`` values
+(typed, and range-checked by each plugin's settings class), bit-widths, seeds, the evaluation cap -- so a bad value
+is one ``BenchError`` line and exit 2 with nothing written, never a grid of failed cells. It resolves the model
+first, so the defaults of its kind (task, weight granularity) follow what the model is, whatever name it was given
+by. A sweep (``--sweep zsaq.steps=60,240``) is a ``--set`` per cell: each value its own config, key and variant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -81,6 +83,9 @@ class GridRequest:
     narrow: bool = False  # the 2^b - 1 level symmetric grid, only when asked for
     embeddings: bool = False
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # scope -> field -> raw value
+    # method -> field -> raw values: each value is its own cell config (a --set for that cell), several fields of
+    # one method their product; the baseline and reference cells are not multiplied
+    sweeps: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     limit: int | None = None
     reference: bool = True  # add the reference method's cell (FP32) per task and seed
     baseline: bool = True  # add the baseline method's cell (RTN, default settings) at every grid
@@ -111,11 +116,14 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
     for scope in request.settings:
         if scope not in scopes:
             raise unknown("--set scope", scope, scopes)
-    configs = {
-        m: dataclasses.asdict(configured(m, plugins.methods.get(m).Config, request.settings.get(m, {})))
-        for m in methods
-    }
-    variants = {m: _variant(plugins.methods.get(m).Config(), configs[m]) for m in methods}
+    points = _sweep_points(request, methods, plugins)
+    configs: dict[str, list[tuple[dict, str]]] = {}  # method -> (method_config, variant) per sweep point
+    for m in methods:
+        settings_cls = plugins.methods.get(m).Config
+        configs[m] = []
+        for point in points.get(m, [{}]):
+            config = dataclasses.asdict(configured(m, settings_cls, request.settings.get(m, {}), point))
+            configs[m].append((config, _variant(settings_cls(), config)))
     _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
@@ -147,15 +155,54 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
             if request.reference and reference and reference not in methods:
                 cells.append(Cell(reference, {}, None, **common))
             for method in methods:
-                if method == reference:
-                    cells.append(Cell(method, configs[method], None, **common, variant=variants[method]))
-                    continue
-                cells.extend(Cell(method, configs[method], spec, **common, variant=variants[method]) for spec in specs)
-            if baseline and any(variants[m] or m != baseline for m in methods if m != reference):
+                for config, variant in configs[method]:
+                    grids = [None] if method == reference else specs
+                    cells.extend(Cell(method, config, spec, **common, variant=variant) for spec in grids)
+            if baseline and any(v or m != baseline for m in methods if m != reference for _, v in configs[m]):
                 default = dataclasses.asdict(plugins.methods.get(baseline).Config())
                 extra = [Cell(baseline, default, spec, **common) for spec in specs]
                 cells.extend(c for c in extra if c.key not in {k.key for k in cells})
     return cells, resolved
+
+
+def _sweep_points(request: GridRequest, methods: list[str], plugins: Plugins) -> dict[str, list[dict[str, str]]]:
+    """method -> the overrides of each of its sweep cells (the product of its swept fields' values). Every value
+    is converted and checked by the method's ``Config`` here, one at a time, so a bad one is named before any cell
+    runs; a sweep of a method not in the run, of an unknown field or of a field also ``--set`` is refused."""
+    swept: dict[str, dict[str, list[str]]] = {}
+    for scope, fields in request.sweeps.items():
+        method = plugins.methods.entry(scope).name  # an unknown method: did-you-mean
+        for name, values in fields.items():
+            if method not in methods:
+                raise BenchError(
+                    f"--sweep {scope}.{name}: '{method}' is not a method of this run ({', '.join(methods)}); "
+                    "add it to the methods"
+                )
+            if name in swept.get(method, {}):
+                raise BenchError(f"--sweep {method}.{name}: swept twice; give all its values in one sweep")
+            swept.setdefault(method, {})[name] = list(values)
+    points = {}
+    for method, fields in swept.items():
+        settings_cls = plugins.methods.get(method).Config
+        known = {f.name for f in dataclasses.fields(settings_cls)}
+        settings = request.settings.get(method, {})
+        for name, values in fields.items():
+            if name not in known:
+                raise unknown(f"setting of '{method}'", name, known)
+            if name in settings:
+                raise BenchError(
+                    f"{method}.{name} is both swept (--sweep) and set (--set); put every value in the sweep"
+                )
+            if not values:
+                raise BenchError(f"--sweep {method}.{name}: no values")
+            seen: list = []
+            for raw in values:
+                value = getattr(configured(method, settings_cls, settings, {name: raw}), name)
+                if value in seen:
+                    raise BenchError(f"--sweep {method}.{name}={','.join(values)}: '{raw}' is listed twice")
+                seen.append(value)
+        points[method] = [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*fields.values())]
+    return points
 
 
 def _check_numbers(request: GridRequest) -> None:

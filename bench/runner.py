@@ -108,6 +108,7 @@ def run(
     narrow: bool = False,
     embeddings: bool = False,
     settings: dict | None = None,
+    sweeps: dict | list[str] | None = None,
     limit: int | None = None,
     reference: bool = True,
     baseline: bool = True,
@@ -133,6 +134,9 @@ def run(
 
     What ``bench run`` does, option for option (``bench run --help``): names may be lists or comma strings,
     ``settings`` maps ``"scope.field"`` (or ``scope -> {field: value}``) to values (``{"rtn.clip": "mse"}``),
+    ``sweeps`` maps ``"method.field"`` to a list of values, each its own cell and leaderboard variant
+    (``{"zsaq.steps": [60, 240]}``; a comma string, ``method -> {field: values}`` or ``bench run``'s
+    ``["zsaq.steps=60,240"]`` also do; two fields of one method run their product),
     ``act_bits`` is "auto", None (float activations) or 2..8. ``None`` for methods, tasks and granularity means
     the defaults (the baseline method; the task and granularity of the model's kind). A bad name or value raises
     ``BenchError`` before anything is written; a cell that fails is a failed row and the grid goes on.
@@ -155,6 +159,7 @@ def run(
         narrow=narrow,
         embeddings=embeddings,
         settings=_settings(settings),
+        sweeps=_sweeps(sweeps),
         limit=limit,
         reference=reference,
         baseline=baseline,
@@ -225,6 +230,43 @@ def _settings(settings: dict | None) -> dict[str, dict[str, str]]:
         if not dot or not scope or not field_name:
             raise BenchError(f"setting {key!r}: expected 'SCOPE.FIELD' (scope: a method, a task, or task)")
         out.setdefault(scope.lower(), {})[field_name] = _raw(value)
+    return out
+
+
+SWEEP_FORM = "METHOD.FIELD=V1,V2,..."
+
+
+def _sweeps(sweeps: dict | list[str] | str | None) -> dict[str, dict[str, list[str]]]:
+    """{"zsaq.steps": [60, 240]}, {"zsaq.steps": "60,240"}, {"zsaq": {"steps": [60, 240]}} or the CLI's
+    ["zsaq.steps=60,240"] -> {"zsaq": {"steps": ["60", "240"]}}, values as the CLI would type them (``bench.grid``
+    converts and checks them, as it does ``settings``)."""
+    items: list[tuple[str, object]] = []
+    if isinstance(sweeps, dict):
+        for key, values in sweeps.items():
+            if isinstance(values, dict):
+                items.extend((f"{key}.{name}", v) for name, v in values.items())
+            else:
+                items.append((key, values))
+    else:
+        for text in [sweeps] if isinstance(sweeps, str) else sweeps or []:
+            target, eq, values = str(text).partition("=")
+            if not eq:
+                raise BenchError(f"--sweep {text!r}: expected {SWEEP_FORM}")
+            items.append((target, values))
+    out: dict[str, dict[str, list[str]]] = {}
+    for target, values in items:
+        scope, dot, name = str(target).strip().partition(".")
+        if not dot or not scope or not name:
+            raise BenchError(f"--sweep {target!r}: expected {SWEEP_FORM} (a method's setting)")
+        if isinstance(values, str):
+            raws = [part.strip() for part in values.split(",")]
+        else:
+            raws = [_raw(v) for v in (values if isinstance(values, list | tuple) else [values])]
+        if not raws or not all(raws):
+            raise BenchError(f"--sweep {target}={_raw(values)!r}: empty value in the list")
+        if name in out.get(scope.lower(), {}):
+            raise BenchError(f"--sweep {target}: swept twice; give all its values in one sweep")
+        out.setdefault(scope.lower(), {})[name] = raws
     return out
 
 
