@@ -135,27 +135,35 @@ class Generator(nn.Module):
 
     def forward(
         self, noise: torch.Tensor, temperature: float, rng: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens over the student's vocabulary (B, L, V_s), embedding correction (B, L, d)).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens over the student's vocabulary (B, L, V_s), embedding correction (B, L, d), hard token ids);
+        under ``torch.no_grad`` a Gumbel sample skips the distribution (None) and gives its ids alone.
 
         With ``rng`` the tokens are Gumbel-softmax samples, one-hot in the forward pass with the soft
-        sample's gradient (straight-through): real token sequences, still differentiable. Without it,
-        the soft distributions themselves (their embedding average blurs towards a mean token).
+        sample's gradient (straight-through): real token sequences, still differentiable; their student ids
+        come third (None when the vocabularies differ), so embedding them is a lookup (``soft_embeddings``).
+        Without it, the soft distributions themselves (their embedding average blurs towards a mean token).
         """
         out = self.lm(input_ids=noise, output_hidden_states=True)
         logits = out.logits.float().masked_fill(self.banned, float("-inf"))
         if rng is not None:
             uniform = torch.rand(logits.shape, generator=rng).clamp(1e-10, 1.0).to(logits.device)
             logits = logits - torch.log(-torch.log(uniform))
+        if rng is not None and self.token_map is None and not torch.is_grad_enabled():
+            # no gradient wanted: the hard sample is all there is (argmax of softmax(l / T) = argmax of l)
+            return None, self.adapter(out.hidden_states[-1]), logits.argmax(-1)
         probs = torch.softmax(logits / temperature, dim=-1)
+        ids = None
         if rng is not None:
-            hard = nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+            ids = probs.argmax(-1)
+            hard = nn.functional.one_hot(ids, probs.shape[-1]).to(probs.dtype)
             probs = hard - probs.detach() + probs
         if self.token_map is not None:  # different vocabularies: move each token's mass to its student token
             keep = self.token_map >= 0
             mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab)
             probs = mapped.index_add(-1, self.token_map[keep], probs[..., keep])
-        return probs, self.adapter(out.hidden_states[-1])
+            ids = None  # a generator token without a student token maps to no row: keep the dense product
+        return probs, self.adapter(out.hidden_states[-1]), ids
 
 
 def vocab_map(tokenizer, student_tokenizer, vocab: int) -> torch.Tensor | None:
@@ -195,11 +203,42 @@ def load_generator(name: str, student_tokenizer, embed_dim: int, mask_ratio: flo
 # --------------------------------------------------------------------------- feeding teacher and student
 
 
-def soft_embeddings(model: nn.Module, probs: torch.Tensor, correction: torch.Tensor, ends: tuple) -> torch.Tensor:
-    """``model``'s input embeddings of soft tokens: probs @ E + correction, between hard [CLS]/[SEP] ends."""
+class _StraightThroughLookup(torch.autograd.Function):
+    """``probs @ table`` for straight-through one-hot ``probs`` whose hot entries are ``ids``: the forward is the
+    lookup ``table[ids]`` (the same value: each row of probs is one-hot in the forward pass), the backward the
+    dense product's gradients. Skips a (B*L x V) @ (V x d) product per model and batch (V = 30,522 for BERT:
+    most of a zero-shot step's arithmetic), and every forward without gradients is a plain lookup."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, ids)
+        return table[ids]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, ids = ctx.saved_tensors
+        grad_probs = grad @ table.t() if ctx.needs_input_grad[0] else None  # d(probs @ table)/d probs
+        grad_table = None
+        if ctx.needs_input_grad[1]:  # one_hot(ids)^T @ grad: each token's row gets its positions' gradients
+            grad_table = torch.zeros_like(table).index_add_(0, ids.flatten(), grad.flatten(0, -2).to(table.dtype))
+        return grad_probs, grad_table, None
+
+
+def soft_embeddings(
+    model: nn.Module, probs: torch.Tensor, correction: torch.Tensor, ends: tuple, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``model``'s input embeddings of soft tokens: probs @ E + correction, between hard [CLS]/[SEP] ends.
+
+    ``ids``: the hot index of each row when ``probs`` is (straight-through) one-hot; the product is then a
+    lookup with the product's gradient (``_StraightThroughLookup``), equal up to float rounding; with ``probs``
+    None (no gradient wanted) a plain lookup."""
     emb = model.get_input_embeddings()
     table = emb.quantized_weight() if isinstance(emb, QuantEmbedding) else emb.weight
-    x = probs @ table + correction
+    if ids is None:
+        x = probs @ table
+    else:
+        x = table[ids] if probs is None else _StraightThroughLookup.apply(probs, table, ids)
+    x = x + correction
     first, last = ends
     parts = [x]
     if first is not None:
@@ -295,7 +334,10 @@ class ZSAQ(Method):
                 ids = allowed[torch.randint(len(allowed), (cfg.batch_size, inner), generator=rng)].to(device)
                 probs = nn.functional.one_hot(ids, vocab).float()
                 zero = probs.new_zeros(1)
-                return soft_embeddings(teacher, probs, zero, ends), soft_embeddings(student, probs, zero, ends)
+                return (
+                    soft_embeddings(teacher, probs, zero, ends, ids),
+                    soft_embeddings(student, probs, zero, ends, ids),
+                )
 
             return random_tokens, None
         embed_dim = student.get_input_embeddings().embedding_dim
@@ -305,8 +347,11 @@ class ZSAQ(Method):
         def generated(grad: bool):
             noise = generator.noise(cfg.batch_size, inner, rng).to(device)
             with torch.set_grad_enabled(grad):
-                probs, correction = generator(noise, cfg.temperature, rng if cfg.sampling == "gumbel" else None)
-            return soft_embeddings(teacher, probs, correction, ends), soft_embeddings(student, probs, correction, ends)
+                probs, correction, ids = generator(noise, cfg.temperature, rng if cfg.sampling == "gumbel" else None)
+            return (
+                soft_embeddings(teacher, probs, correction, ends, ids),
+                soft_embeddings(student, probs, correction, ends, ids),
+            )
 
         # Adam on the negated discrepancy = stochastic gradient ascent on the generator and its adapter
         ascent = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr) if cfg.train_generator else None

@@ -57,7 +57,7 @@ def test_generator_step_increases_the_discrepancy_on_a_fixed_student(tokenizer):
     ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
 
     def gap():
-        probs, correction = generator(noise, cfg.temperature)
+        probs, correction, _ = generator(noise, cfg.temperature)
         return discrepancy(
             teacher,
             student,
@@ -244,3 +244,46 @@ def test_zsaq_latent_perturbation_reads_the_requantized_moved_weights(tokenizer,
     moved = [b - a for a, b in zip(seen0, seen1, strict=True)]
     assert not all(torch.allclose(m, d) for m, d in zip(moved, e, strict=True))  # not Q(w) + e
     assert all(torch.equal(a, b) for a, b in zip(w0, w2, strict=True))
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_hard_token_lookup_equals_the_dense_product_and_its_gradients(tokenizer, embeddings):
+    """Gumbel tokens embed by lookup: the same embeddings, generator and table gradients as probs @ E."""
+    teacher = _teacher().requires_grad_(False)
+    spec = QuantSpec(4, 8, embeddings=embeddings)
+    student = quantize_model(copy.deepcopy(teacher), spec).requires_grad_(True)
+    generator = load_generator("bert-tiny", tokenizer, teacher.config.hidden_size)
+    torch.nn.init.normal_(generator.adapter.weight, std=0.01)  # a live correction path too
+    noise = generator.noise(4, 9, torch.Generator().manual_seed(0))
+    ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    results = []
+    for use_ids in (False, True):
+        generator.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+        probs, correction, ids = generator(noise, 1.0, torch.Generator().manual_seed(1))
+        assert ids is not None and torch.equal(probs.argmax(-1), ids)
+        t_in = soft_embeddings(teacher, probs, correction, ends, ids if use_ids else None)
+        s_in = soft_embeddings(student, probs, correction, ends, ids if use_ids else None)
+        discrepancy(teacher, student, t_in, s_in, ZeroShotConfig()).backward()
+        table = student.get_input_embeddings().weight
+        lm_grad = torch.cat([p.grad.flatten() for p in generator.lm.parameters() if p.grad is not None])
+        results.append((t_in.detach(), s_in.detach(), lm_grad, table.grad.clone()))
+    dense, lookup = results
+    for a, b in zip(dense, lookup, strict=True):  # relative to the whole vector: the gradients are tiny numbers
+        assert (b - a).norm() <= 1e-4 * a.norm(), ((b - a).norm(), a.norm())
+    assert lookup[2].abs().sum() > 0 and lookup[3].abs().sum() > 0  # gradients reached the generator LM and table
+
+
+def test_a_sample_without_gradients_is_its_ids_alone(tokenizer):
+    teacher = _teacher().requires_grad_(False)
+    generator = load_generator("bert-tiny", tokenizer, teacher.config.hidden_size)
+    noise = generator.noise(4, 9, torch.Generator().manual_seed(0))
+    probs, correction, ids = generator(noise, 0.7, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        none, same_correction, same_ids = generator(noise, 0.7, torch.Generator().manual_seed(5))
+    assert none is None and torch.equal(same_ids, ids) and torch.allclose(same_correction, correction)
+    ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            soft_embeddings(teacher, None, correction, ends, ids), soft_embeddings(teacher, probs, correction, ends)
+        )
