@@ -1,4 +1,6 @@
-"""Results -> one leaderboard table: a row per method, columns per bit-width (WxAy) x task.
+"""Results -> one leaderboard, computed once and shown in two layouts: long (``Leaderboard.long``: a row per
+method x bit-width (WxAy), a column per task score, difference and measure; the table a person reads, 120
+columns) and wide (``Leaderboard.table``: a row per method, columns per bit-width x task and measure).
 
 How a task's score reads comes from what its metric's plugin registered (``register(name, fn,
 higher_is_better=..., percent=...)``): fractions registered as percent are shown x100 (GLUE's convention) and
@@ -14,14 +16,14 @@ import os
 import re
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from bench import provenance
 from bench.api import FLOAT_BITS
-from bench.errors import BenchError
+from bench.errors import BenchError, unknown
 from bench.results import ResultStore, latest_run_dir
 
 AVERAGE = "avg"
@@ -34,6 +36,11 @@ DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides task scores whose metric is registered lower-is-better)
 LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS, METHOD_TIME)
+# what a cell measured besides its scores: the long layout shows their means (the spread of a size or a timing
+# over seeds says little), and folds compression into size and speedup into latency
+MEASURES = (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE, SPEEDUP, METHOD_TIME)
+FOLDED = {COMPRESSION: SIZE, SPEEDUP: LATENCY}  # long layout: column -> the column its figure is shown in
+LAYOUTS = ("long", "wide")
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ def scoring(rows: list[dict], metrics=None) -> dict[str, Scoring]:
 
 @dataclass
 class Leaderboard:
-    table: pd.DataFrame  # display strings: index (method, data), columns (bits, task)
+    table: pd.DataFrame  # display strings of the wide layout: index (method, data), columns (bits, task)
     means: pd.DataFrame  # the numbers behind ``table``
     stds: pd.DataFrame
     counts: pd.DataFrame  # seeds per cell
@@ -86,17 +93,26 @@ class Leaderboard:
     run_dirs: list[str] = field(default_factory=list)
     scoring: dict[str, Scoring] = field(default_factory=dict)  # per task: direction and scale of its score
     roles: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, data) -> "reference" / "baseline"
+    kernels: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (method, data, bits) -> latency kernel
+    # the layout text reporters (md, html, latex) render: "long" or "wide"; None: each format's own default
+    # (md: long, the table a person reads in a terminal; html, latex: wide)
+    layout: str | None = None
 
     def is_reference(self, index: tuple[str, str]) -> bool:
         """Whether the table row ``(method, data)`` is the reference (FP32): not a contender for "best"."""
         return self.roles.get(tuple(index)) == "reference"
 
-    def write(self, fmt: str = "md", path: str | os.PathLike | None = None, *, plugins=None) -> tuple[Path, str | None]:
+    def write(
+        self, fmt: str = "md", path: str | os.PathLike | None = None, *, plugins=None, layout: str | None = None
+    ) -> tuple[Path, str | None]:
         """Render this table with the reporter plugin of ``fmt`` (md, csv, json, html, latex, png, or one an outside
         plugin adds) to ``path`` (default: ``leaderboard.FORMAT`` in the first run dir); returns the path and the
-        text the reporter returned (None for binary formats)."""
+        text the reporter returned (None for binary formats). ``layout``: "long" or "wide" for the text tables
+        (md, html, latex); default: ``self.layout``, else the format's own."""
         from bench import plugins as plugin_mod
 
+        if layout is not None:
+            return replace(self, layout=check_layout(layout)).write(fmt, path, plugins=plugins)
         reporters = (plugins or plugin_mod.default()).reporters
         render = reporters.get(fmt)
         name = reporters.entry(fmt).name
@@ -120,6 +136,105 @@ class Leaderboard:
             task = next(iter(self.scoring), "")
         return task in self.scoring and not self.scoring[task].higher_is_better
 
+    @property
+    def most_seeds(self) -> int:
+        return int(self.counts.max().max()) if self.counts.size else 1
+
+    def text(self, index: tuple[str, str], bits: str, column: str, *, layout: str = "wide") -> str:
+        """The display text of one cell: ``mean ± std`` over seeds, ``(n=k)`` when it has fewer seeds than the
+        table, the kernel after a latency, ``–`` for a latency that ran simulated, ``xN`` for ratios.
+
+        ``layout="long"`` (the table a person reads, 120 columns): only task scores show ``± std`` and ``(n=k)``;
+        differences and measures show their mean; size carries its compression and latency its speedup; the
+        kernel is named in the cell only where cells of one grid ran different kernels (else in ``view``'s notes).
+        """
+        key = (bits, column)
+        if key not in self.means.columns:
+            return ""
+        kernel = self.kernels.get((*index, bits))
+        if column in (LATENCY, DECODE) and kernel == "simulated":
+            return "–"  # fake-quant on float matmuls: FP32 arithmetic, not the method's; no figure
+        mean, std, n = self.means.at[index, key], self.stds.at[index, key], self.counts.at[index, key]
+        if pd.isna(mean):
+            return ""
+        if column in (SPEEDUP, COMPRESSION):
+            return f"x{mean:.2f}"
+        long = layout == "long"
+        spread = not long or is_score(column)
+        digits = 4 if column == SHARPNESS else 1 if column == METHOD_TIME else 2  # loss increases are small
+        sign = "+" if DELTA in column else ""
+        text = f"{mean:{sign}.{digits}f}"
+        if spread and n >= 2 and not pd.isna(std):
+            text += f" ± {std:.{digits}f}"
+        if column == LATENCY and not long:
+            text += f" ({kernel or '?'})"
+        elif spread and self.most_seeds > 1 and n < self.most_seeds:
+            text += f" (n={int(n)})"  # fewer seeds than the rest of the table (a failed or missing cell)
+        if long and column == LATENCY and len(self.grid_kernels().get(bits, ())) > 1:
+            text += f" {kernel or '?'}"
+        folded = [c for c, into in FOLDED.items() if into == column] if long else []
+        return " ".join([text, *filter(None, (self.text(index, bits, c) for c in folded))])
+
+    def grid_kernels(self) -> dict[str, list[str]]:
+        """Per grid (bits), the kernels its timed cells ran, simulated ones aside."""
+        out: dict[str, set] = {}
+        for (*_, bits), kernel in self.kernels.items():
+            if kernel != "simulated":
+                out.setdefault(bits, set()).add(kernel)
+        return {bits: sorted(kernels) for bits, kernels in out.items()}
+
+    def long(self, frame: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The long layout: one row per (method, data, bits) cell, one column per score, difference and measure.
+
+        Rows run grid by grid (FP32 first, then the widest grid), the reference and the baseline first in each.
+        ``frame``: one of ``means``, ``stds``, ``counts`` to read its numbers in this layout (every column of
+        the wide table, compression and speedup included); default: the display strings, where compression is
+        shown with the size and speedup with the latency (``text(..., layout="long")``).
+        """
+        if self.means.empty:
+            return pd.DataFrame()
+        grids = list(dict.fromkeys(bits for bits, _ in self.means.columns))
+        index = [
+            (*i, bits)
+            for bits in grids
+            for i in self.means.index
+            if self.counts.xs(bits, axis=1, level="bits").loc[[i]].fillna(0).to_numpy().any()
+        ]
+        names = sorted({c for _, c in self.means.columns}, key=lambda c: (_column_order(c), c))
+        multi = pd.MultiIndex.from_tuples(index, names=["method", "data", "bits"])
+        if frame is not None:
+            return frame.stack("bits", future_stack=True).reindex(index=multi, columns=names)
+        names = [c for c in names if c not in FOLDED]
+        return pd.DataFrame(
+            [[self.text(i[:2], i[2], c, layout="long") for c in names] for i in index], index=multi, columns=names
+        )
+
+    def view(self, layout: str = "long") -> View:
+        """The display strings in ``layout`` ("long" or "wide"), the cells a text reporter marks best, and what
+        the layout needs said in the notes.
+
+        Wide: every column's best cell (``best``). Long: per grid, the best task scores only (a difference ranks
+        as its score does; the smallest size or time is mostly the plainest method's).
+        """
+        check_layout(layout)
+        if layout == "wide":
+            best = [(index, column) for column, index in self.best().items()]
+            return View(self.table, best, [self.is_reference(i) for i in self.table.index])
+        table = self.long()
+        best = [((*index, bits), column) for (bits, column), index in self.best().items() if is_score(column)]
+        present = {column for _, column in self.means.columns}
+        means = [c for c in MEASURES if c in present and c not in FOLDED]
+        shown = [f"{DELTA} = the mean of the per-seed differences"] if any(DELTA in c for c in present) else []
+        if means:  # compression comes with a size, speedup with a latency
+            shown.append(f"{', '.join(means)} = means over seeds")
+        folded = "".join(f"; {into} xN = {column}" for column, into in FOLDED.items() if column in present)
+        notes = [f"long table: {'; '.join(shown)} (std: --layout wide, csv, json){folded}"] if shown else []
+        kernels = {bits: ks[0] for bits, ks in self.grid_kernels().items() if len(ks) == 1}
+        if kernels and LATENCY in present:
+            grids = sorted(kernels, key=_bits_order)
+            notes.append(f"{LATENCY} kernel: " + ", ".join(f"{bits} {kernels[bits]}" for bits in grids))
+        return View(table, best, [self.is_reference(i[:2]) for i in table.index], notes)
+
     def best(self) -> dict[tuple[str, str], tuple[str, str]]:
         """Per (bits, column), the index (method, data) of the best non-FP32 row: the one every reporter marks.
 
@@ -136,6 +251,60 @@ class Leaderboard:
             if len(values) >= 2:
                 best[(bits, column)] = values.idxmin() if self.lower_is_better(column) else values.idxmax()
         return best
+
+
+def is_score(column: str) -> bool:
+    """A task's score or the average of several (not a difference to the reference/baseline, not a measure)."""
+    return column not in MEASURES and DELTA not in column
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise unknown("layout", layout, LAYOUTS)
+    return layout
+
+
+@dataclass
+class View:
+    """One layout of a leaderboard's display strings, for the reporters that print a table."""
+
+    table: pd.DataFrame  # index: (method, data) [+ bits in the long layout]; columns: (bits, column) or column
+    best: list[tuple[tuple, object]]  # (row index, column) of each cell marked best
+    reference: list[bool]  # per row: the reference (FP32), not a contender
+    notes: list[str] = field(default_factory=list)  # what this layout shows differently, labels it cut
+
+    @property
+    def long(self) -> bool:
+        return "bits" in (self.table.index.names or [])
+
+    def flat(self, table: pd.DataFrame | None = None) -> pd.DataFrame:
+        """``table`` (default: this view's; or a marked copy of it) with its row labels as the first columns and one
+        header per column ("W4A8 sst2" when wide)."""
+        table = (self.table if table is None else table).copy()
+        if isinstance(table.columns, pd.MultiIndex):
+            table.columns = [f"{bits} {column}" for bits, column in table.columns]
+        return table.reset_index()
+
+    def abbreviated(self, width: int) -> View:
+        """Method labels (method[variant] @model) longer than ``width`` cut to ``width`` with a ``#k`` marker;
+        the notes give each in full."""
+        labels = list(dict.fromkeys(i[0] for i in self.table.index))
+        short, notes = {}, []
+        for label in labels:
+            if len(label) > width:
+                marker = f"…#{len(notes) + 1}"
+                short[label] = label[: max(width - len(marker), 1)] + marker
+                notes.append(f"{short[label]} = {label}")
+        if not short:
+            return self
+
+        def rename(i):
+            return (short.get(i[0], i[0]), *i[1:])
+
+        table = self.table.copy()
+        table.index = pd.MultiIndex.from_tuples([rename(i) for i in table.index], names=table.index.names)
+        best = [(rename(i), c) for i, c in self.best]
+        return View(table, best, self.reference, [*self.notes, *notes])
 
 
 def _bits_order(label: str) -> tuple:
@@ -270,33 +439,8 @@ def build(
     columns = sorted(means.columns, key=lambda c: (_bits_order(c[0]), _column_order(c[1]), c[1]))
     index = sorted(means.index, key=lambda i: (roles.get(i) != "reference", roles.get(i) != "baseline", i))
     means, stds, counts = (t.reindex(index=index, columns=columns) for t in (means, stds, counts))
-    most_seeds = int(counts.max().max()) if counts.size else 1
-
-    def show(i, j):
-        mean, std, n = means.iat[i, j], stds.iat[i, j], counts.iat[i, j]
-        bits, column = columns[j]
-        if column in (LATENCY, DECODE) and (*index[i], bits) in simulated:
-            return "–"
-        if pd.isna(mean):
-            return ""
-        digits = 4 if column == SHARPNESS else 1 if column == METHOD_TIME else 2  # loss increases are small
-        sign = "+" if DELTA in column else ""
-        text = f"{mean:{sign}.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
-        if column == LATENCY:
-            text += f" ({kernels.get((*index[i], bits), '?')})"
-        elif column in (SPEEDUP, COMPRESSION):
-            text = f"x{mean:.2f}"
-        elif most_seeds > 1 and n < most_seeds:
-            text += f" (n={int(n)})"  # fewer seeds than the rest of the table (a failed or missing cell)
-        return text
-
-    table = pd.DataFrame(
-        [[show(i, j) for j in range(len(columns))] for i in range(len(index))],
-        index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
-        columns=pd.MultiIndex.from_tuples(columns, names=["bits", "column"]),
-    )
     board = Leaderboard(
-        table,
+        pd.DataFrame(),
         means,
         stds,
         counts,
@@ -305,6 +449,12 @@ def build(
         run_dirs=list(run_dirs or []),
         scoring=scored_as,
         roles={i: role for i, role in roles.items() if role},
+        kernels=kernels.to_dict(),
+    )
+    board.table = pd.DataFrame(
+        [[board.text(i, bits, column) for bits, column in columns] for i in index],
+        index=pd.MultiIndex.from_tuples(index, names=["method", "data"]),
+        columns=pd.MultiIndex.from_tuples(columns, names=["bits", "column"]),
     )
     board.notes = _notes(rows, failed, scored_as)
     if duplicated.any():
@@ -417,7 +567,7 @@ def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) 
         threads = sorted({str(t.get("threads")) for t in timed})
         notes.append(
             f"{LATENCY} = forward of {', '.join(shapes)}, {', '.join(threads)} thread(s), median of "
-            f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up; kernel in parentheses "
+            f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up, with the kernel that ran"
             "; speedup vs FP32 only where a real low-bit kernel ran. Cells that ran simulated (fake-quant on float "
             "matmuls: FP32 arithmetic, not the method's) show – and are left out of the plots"
         )

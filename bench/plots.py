@@ -42,8 +42,8 @@ def write_plots(board: Leaderboard, directory: Path, stem: str = "leaderboard") 
 
 
 def _points(board: Leaderboard) -> pd.DataFrame:
-    """One row per (method, data, bits); columns: the board's columns (tasks, avg, size, latency, ...) + series."""
-    wide = board.means.stack("bits", future_stack=True).dropna(how="all").reset_index()
+    """One row per (method, data, bits): the long table's numbers (tasks, avg, size, latency, ...) + series."""
+    wide = board.long(board.means).reset_index()
     several_data = wide.groupby("method").data.nunique()
     wide["series"] = [
         _plain(m if several_data[m] == 1 else f"{m} ({d})") for m, d in zip(wide.method, wide.data, strict=True)

@@ -1,7 +1,9 @@
 """Built-in leaderboard formats (md, csv, json, html, latex, png), registered as an ordinary reporter plugin.
 
 A reporter is ``render(board, path) -> str | None``: it writes ``path`` and returns text to print (None for
-png, which writes its figures next to ``path``). Every format marks the same best cells: ``Leaderboard.best``.
+png, which writes its figures next to ``path``). The text tables render ``board.view(layout)``: md long by
+default (the table ``bench run`` prints), html and latex wide, any of them as ``board.layout`` asks; csv and json
+keep one layout. Every format marks the best cells ``Leaderboard.best`` decides (long: each grid's best scores).
 """
 
 from __future__ import annotations
@@ -9,41 +11,88 @@ from __future__ import annotations
 import html
 import json
 import re
+import textwrap
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
 from bench import hookimpl
-from bench.leaderboard import Leaderboard
+from bench.leaderboard import Leaderboard, View
+
+WIDTH = 120  # the long md table fits a terminal this wide: method labels are cut to fit (the notes give them whole)
+MIN_LABEL = 12  # ... but never below this
+LEGEND = {
+    "long": "best quantized score of its grid",
+    "wide": "best quantized value of the column",
+}
 
 
-def _marked(board: Leaderboard, table: pd.DataFrame, mark) -> pd.DataFrame:
-    """``table`` (the display table, maybe escaped) with ``mark(text)`` applied to each column's best cell."""
-    table = table.copy()
-    for column, index in board.best().items():
+def _marked(view: View, mark, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The view's table (or ``table``: it escaped) with ``mark(text)`` applied to each cell it marks best."""
+    table = (view.table if table is None else table).copy()
+    for index, column in view.best:
         table.at[index, column] = mark(table.at[index, column])
     return table
 
 
-def _flat(table: pd.DataFrame, board: Leaderboard) -> pd.DataFrame:
-    table = table.copy()
-    table.columns = board.flat_columns()
-    return table.reset_index()
+def _md_table(view: View) -> str:
+    table = view.flat(_marked(view, lambda text: f"**{text}**"))
+    return _pipe_table(table) if view.long else table.to_markdown(index=False, disable_numparse=True)
+
+
+def _pipe_table(table: pd.DataFrame) -> str:
+    """A markdown pipe table whose columns are as wide as their widest cell (tabulate pads each header by two more:
+    twenty columns of a 120-column terminal, where the wide table keeps its old look)."""
+    header = [str(c) for c in table.columns]
+    rows = [[str(v) for v in row] for row in table.itertuples(index=False)]
+    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def _fitted(view: View) -> tuple[View, str]:
+    """The long view's md table, method labels cut (``…#k``, given whole in the view's notes) when that makes its
+    lines fit ``WIDTH``; a table too wide for other reasons (many tasks) keeps its labels whole."""
+    text = _md_table(view)
+    excess = max(map(len, text.splitlines())) - WIDTH
+    longest = max(len(index[0]) for index in view.table.index)
+    if 0 < excess <= longest - MIN_LABEL:
+        view = view.abbreviated(max(longest - excess, MIN_LABEL))
+        text = _md_table(view)
+    return view, text
+
+
+def _wrapped(text: str, first: str = "") -> str:
+    """``text`` in lines of at most ``WIDTH`` (a markdown list item's lines indented under its first), never
+    breaking a word: a long path stays whole."""
+    indent = " " * len(first)
+    return textwrap.fill(
+        text, WIDTH, initial_indent=first, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def render_md(board: Leaderboard, path: Path) -> str:
-    """Markdown table, best non-FP32 value of each column in bold."""
+    """Markdown table, long by default (a row per method x grid, fits 120 columns: the table ``bench run``
+    prints); best quantized score of each grid in bold (wide: best non-FP32 value of each column)."""
+    layout = board.layout or "long"
     lines = ["# quantbench leaderboard", ""]
+    notes = list(board.notes)
     if board.table.empty:
         lines.append("_no finished cells_")
     else:
-        bold = _flat(_marked(board, board.table, lambda text: f"**{text}**"), board)
-        lines.append(bold.to_markdown(index=False, disable_numparse=True))
-    if board.best():
-        lines += ["", "**bold** = best quantized value of the column"]
-    lines += ["", *(f"- {note}" for note in board.notes), "", "<sub>"]
-    lines.append(" · ".join(f"{k}: {v}" for k, v in board.provenance.items()))
+        view = board.view(layout)
+        view, table = _fitted(view) if layout == "long" else (view, _md_table(view))
+        lines.append(table)
+        if view.best:
+            lines += ["", f"**bold** = {LEGEND[layout]}"]
+        notes = view.notes + notes
+    lines += ["", *(_wrapped(note, "- ") for note in notes), "", "<sub>"]
+    lines.append(_wrapped(" · ".join(f"{k}: {v}" for k, v in board.provenance.items())))
     lines.append("</sub>")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -61,6 +110,7 @@ def render_csv(board: Leaderboard, path: Path) -> str:
 
 
 def render_json(board: Leaderboard, path: Path) -> str:
+    """Every cell's mean, std and n over seeds, by method, bit-width and column; best cells flagged; notes."""
     entries = []
     for i, (method, data) in enumerate(board.means.index):
         cells = {}
@@ -82,18 +132,18 @@ def render_json(board: Leaderboard, path: Path) -> str:
     return text
 
 
-def _html_table(board: Leaderboard) -> str:
-    """The table with the best cell of each column in class ``best`` and the reference row in class ``reference``."""
-    if board.table.empty:
+def _html_table(view: View | None) -> str:
+    """The table with the best cells in class ``best`` and the reference row in class ``reference``."""
+    if view is None:
         return "<p>no finished cells</p>"
-    classes = pd.DataFrame("", index=board.table.index, columns=board.table.columns)
-    for i, index in enumerate(board.table.index):
-        if board.is_reference(index):
+    classes = pd.DataFrame("", index=view.table.index, columns=view.table.columns)
+    for i, reference in enumerate(view.reference):
+        if reference:
             classes.iloc[i, :] = "reference"
-    for column, index in board.best().items():
+    for index, column in view.best:
         classes.at[index, column] = "best"
     styler = (
-        board.table.style.set_uuid("leaderboard")
+        view.table.style.set_uuid("leaderboard")
         .set_td_classes(classes)
         .set_table_attributes('class="leaderboard"')
         .format(escape="html")
@@ -116,10 +166,13 @@ def _figures(board: Leaderboard, path: Path) -> str:
 
 
 def render_html(board: Leaderboard, path: Path) -> str:
-    """A self-contained page (table, notes, plots, provenance footer) for the run dir."""
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in board.notes)
+    """A self-contained page (table, notes, plots, provenance footer) for the run dir; the wide table unless the
+    board asks for the long one."""
+    layout = board.layout or "wide"
+    view = None if board.table.empty else board.view(layout)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in (view.notes if view else []) + board.notes)
     footer = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in board.provenance.items())
-    legend = '<p class="legend"><span class="best">highlighted</span> = best quantized value of the column</p>'
+    legend = f'<p class="legend"><span class="best">highlighted</span> = {LEGEND[layout]}</p>'
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>quantbench leaderboard</title>
 <style>
@@ -137,8 +190,8 @@ footer {{ margin-top: 2rem; font-size: .8rem; color: #666; }}
 dt {{ font-weight: bold; }} dd {{ margin: 0 0 .3rem 1rem; }}
 </style></head><body>
 <h1>quantbench leaderboard</h1>
-<div class="scroll">{_html_table(board)}</div>
-{legend if board.best() else ""}
+<div class="scroll">{_html_table(view)}</div>
+{legend if view and view.best else ""}
 <ul class="notes">{notes}</ul>
 <section class="plots">{_figures(board, path)}</section>
 <footer><dl>{footer}</dl></footer>
@@ -169,31 +222,38 @@ def latex_escape(text: object) -> str:
 
 
 def render_latex(board: Leaderboard, path: Path) -> str:
-    """A booktabs table for papers (needs ``\\usepackage{booktabs}``); best quantized value per column in bold.
+    """A booktabs table for papers (needs ``\\usepackage{booktabs}``); best quantized value per column in bold (the
+    wide table unless the board asks for the long one).
 
     Every label and value is escaped here, then pandas is told not to escape again, so ``\\textbf`` survives.
     """
+    layout = board.layout or "wide"
+    view = None if board.table.empty else board.view(layout)
     lines = ["% quantbench leaderboard; needs \\usepackage{booktabs}"]
-    lines += [f"% {note}" for note in board.notes]
+    lines += [f"% {note}" for note in (view.notes if view else []) + board.notes]
     lines += [f"% {key}: {value}" for key, value in board.provenance.items()]
-    if board.table.empty:
+    if view is None:
         lines.append("% no finished cells")
     else:
-        table = _marked(board, board.table.map(latex_escape), lambda text: f"\\textbf{{{text}}}")
+        table = _marked(view, lambda text: f"\\textbf{{{text}}}", view.table.map(latex_escape))
         table.index = pd.MultiIndex.from_tuples(
             [tuple(map(latex_escape, i)) for i in table.index], names=list(map(latex_escape, table.index.names))
         )
-        table.columns = pd.MultiIndex.from_tuples(
-            [tuple(map(latex_escape, c)) for c in table.columns], names=list(map(latex_escape, table.columns.names))
-        )
+        if isinstance(table.columns, pd.MultiIndex):
+            table.columns = pd.MultiIndex.from_tuples(
+                [tuple(map(latex_escape, c)) for c in table.columns],
+                names=list(map(latex_escape, table.columns.names)),
+            )
+        else:
+            table.columns = [latex_escape(c) for c in table.columns]
         lines.append(
             table.to_latex(
                 escape=False,
                 multicolumn=True,
                 multicolumn_format="c",
                 multirow=False,
-                column_format="ll" + "r" * len(table.columns),
-                caption="quantbench leaderboard (bold: best quantized value of the column)",
+                column_format="l" * table.index.nlevels + "r" * len(table.columns),
+                caption=f"quantbench leaderboard (bold: {LEGEND[layout]})",
                 label="tab:quantbench",
             ).rstrip()
         )

@@ -45,8 +45,9 @@ def test_layout_and_aggregation(board):
 
 def test_reporters_render(board, tmp_path):
     reporters = plugins.load().reporters
-    md = reporters.get("md")(board, tmp_path / "b.md")
-    assert "| rtn[clip=mse]" in md and "W4A32 sst2" in md and "offline:y" in md
+    md = reporters.get("md")(board, tmp_path / "b.md")  # long: a row per method x grid
+    row = next(line for line in md.splitlines() if line.startswith("| rtn[clip=mse] "))
+    assert "| W4A32 " in row and "| **86.00 (n=1)** " in row and "offline:y" in md  # best of its grid
     data = json.loads(reporters.get("json")(board, tmp_path / "b.json"))
     rtn = next(e for e in data["leaderboard"] if e["method"] == "rtn")
     assert rtn["scores"]["W4A32"]["sst2"] == {
@@ -157,3 +158,106 @@ def test_latency_only_where_a_real_kernel_ran():
     latency = board.means[("W4A8", "p50 ms")]
     assert latency.dropna().index.tolist() == [("rtn", "none")]  # plots and 'best' read these numbers
     assert "show –" in " ".join(board.notes)
+
+
+MB = 2**20
+
+
+def _card_rows(**variants):
+    """The design card's grid (`bench run --methods zsaq,prequant --bits 2,4`): fp32, rtn, zsaq, prequant x W4A8,
+    W2A8 on sst2, seeds 0 and 1, every measure taken (sharpness, size, int8-gemm latency, method time).
+    ``variants``: method -> a variant label for its rows."""
+    rows = []
+    for seed in (0, 1):
+        fp = {"size": 86.7 * MB, "fp32_size": 86.7 * MB, "p50": 21.3 + seed, "kernel": "fp32", "sharp": 0.031}
+        rows.append({**_row("fp32", "FP32", "sst2", seed, 0.91 - 0.01 * seed, **fp), "role": "reference"})
+        for bits, drop, size in (("W4A8", 0.02, 50.8), ("W2A8", 0.38, 45.6)):
+            for method, data, gain, seconds in (
+                ("rtn", "none", 0.0, 0.2),
+                ("zsaq", "none", 0.03, 145.6),
+                ("prequant", "labeled", 0.05, 1050.8),
+            ):
+                cell = {"size": size * MB, "fp32_size": 86.7 * MB, "p50": 13.2 + seed, "kernel": "int8-gemm"}
+                score = 0.91 - drop + gain + 0.013 * seed * (method != "rtn")
+                row = _row(method, bits, "sst2", seed, score, data=data, sharp=0.04 + drop / 10, **cell)
+                row["variant"] = variants.get(method, "")
+                row["cost"] = _cost(0 if method == "rtn" else 120, 60, seconds + seed)
+                rows.append({**row, "role": "baseline"} if method == "rtn" else row)
+    return rows
+
+
+def _md_table(md: str) -> list[list[str]]:
+    """The cells of the md text's table, header first (the rule line left out)."""
+    lines = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_the_design_card_reads_long_in_120_columns_with_the_wide_tables_differences(tmp_path):
+    board = build(_card_rows(), [], [str(tmp_path)])
+    _, md = board.write("md", tmp_path / "b.md")
+    assert max(len(line) for line in md.splitlines()) <= 120, md
+    header, *rows = _md_table(md)
+    assert header == ["method", "data", "bits", "sst2", "Δfp32", "Δrtn", "sharpness", "size MB", "p50 ms", "method s"]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("fp32", "FP32"),
+        *[(m, bits) for bits in ("W4A8", "W2A8") for m in ("rtn", "prequant", "zsaq")],
+    ]
+    zsaq = dict(zip(header, rows[6], strict=True))  # zsaq W2A8
+    assert zsaq["sst2"] == "56.65 ± 0.92" and zsaq["data"] == "none"  # x100, mean ± std over the two seeds
+    assert zsaq["Δfp32"] == "-33.85" and zsaq["Δrtn"] == "+3.65"  # paired per seed, then the mean
+    assert zsaq["size MB"] == "45.60 x1.90" and zsaq["p50 ms"] == "13.70 x1.59" and zsaq["method s"] == "146.1"
+    assert dict(zip(header, rows[5], strict=True))["sst2"] == "**58.65 ± 0.92**"  # prequant: best of W2A8
+    assert "- p50 ms kernel: FP32 fp32, W4A8 int8-gemm, W2A8 int8-gemm" in md
+    # the same numbers as the wide table: one computation, two layouts
+    long, numbers = board.long(), board.long(board.means)
+    assert list(long.index.names) == ["method", "data", "bits"] and len(long) == 7
+    for (method, data, bits), row in long.iterrows():
+        for column in ("Δfp32", "Δrtn"):
+            wide = board.table.at[(method, data), (bits, column)] if (bits, column) in board.table.columns else ""
+            assert wide.split(" ± ")[0] == row[column], (method, bits, column)
+            mean = board.means.at[(method, data), (bits, column)] if wide else float("nan")
+            assert numbers.at[(method, data, bits), column] == pytest.approx(mean, nan_ok=True)
+    assert numbers.at[("zsaq", "none", "W2A8"), "speedup"] == pytest.approx(21.8 / 13.7)
+
+
+def test_long_method_labels_are_cut_to_fit_and_named_whole_in_the_notes(tmp_path):
+    label = "zsaq[preset=paper,rho=0.1,steps=960]"
+    board = build(_card_rows(zsaq="preset=paper,rho=0.1,steps=960"), [], [])
+    _, md = board.write("md", tmp_path / "b.md")
+    assert max(len(line) for line in md.splitlines()) <= 120, md
+    short = next(r[0] for r in _md_table(md) if r[0].startswith("zsaq"))
+    assert short.endswith("…#1") and label.startswith(short[: -len("…#1")])
+    assert f"- {short} = {label}" in md
+
+
+def test_a_grid_whose_cells_ran_different_kernels_names_each_and_simulated_shows_a_dash(tmp_path):
+    rows = _card_rows()
+    for row in rows:
+        if row["method"] == "zsaq" and row["bits"] == "W4A8":
+            row["latency"] = {**row["latency"], "kernel": "int8pack"}
+        if row["method"] == "prequant" and row["bits"] == "W2A8":
+            row["latency"] = {**row["latency"], "kernel": "simulated"}
+    long = build(rows, [], []).long()
+    assert long.at[("zsaq", "none", "W4A8"), "p50 ms"] == "13.70 int8pack x1.59"
+    assert long.at[("rtn", "none", "W4A8"), "p50 ms"] == "13.70 int8-gemm x1.59"
+    assert long.at[("prequant", "labeled", "W2A8"), "p50 ms"] == "–"
+    assert long.at[("rtn", "none", "W2A8"), "p50 ms"] == "13.70 x1.59"  # one kernel in the grid: named in the notes
+
+
+def test_bench_leaderboard_prints_long_and_the_wide_layout_is_the_pivot(tmp_path, capsys):
+    import bench
+    from bench.cli import main
+    from bench.results import ResultStore
+
+    store = ResultStore(tmp_path / "run")
+    for i, row in enumerate(_card_rows()):
+        store.append({**row, "key": f"cell{i}"})
+    assert main(["leaderboard", str(tmp_path / "run")]) == 0
+    header = _md_table(capsys.readouterr().out)[0]
+    assert header[:4] == ["method", "data", "bits", "sst2"]
+    board = bench.leaderboard([tmp_path / "run"])
+    header, *rows = _md_table(board.write("md", tmp_path / "wide.md", layout="wide")[1])
+    assert header == ["method", "data", *board.flat_columns()] and "W2A8 Δrtn" in header
+    assert [tuple(r[:2]) for r in rows] == list(board.table.index)
+    assert rows[3][header.index("W2A8 Δrtn")] == board.table.at[("zsaq", "none"), ("W2A8", "Δrtn")] == "+3.65 ± 0.92"
+    assert board.long().index.names == ["method", "data", "bits"]  # the Python API reads the long table too

@@ -75,15 +75,34 @@ def test_every_format_writes_its_files(rendered):
         assert (out / name).stat().st_size > 10_000
 
 
-def test_md_bolds_exactly_the_best_cells(board, rendered):
+def test_md_bolds_the_best_score_of_each_grid_long_and_every_best_cell_wide(board, rendered, tmp_path):
     _, texts = rendered
-    md = texts["md"]
+    md = texts["md"]  # long by default
+    view = board.view("long")
     table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(view.table) and sum(line.count("**") for line in table) == 2 * len(view.best)
+    assert {column for _, column in view.best} == {"sst2", "cola", "wikitext2", "avg"}  # scores only
+    for index, column in view.best:
+        assert f"**{view.table.at[index, column]}**" in md, (column, index)
+    assert "**82.50 ± 0.71**" not in md and "**84.50 ± 0.71**" in md  # rtn W4 sst2 loses to gptq
+    _, wide = board.write("md", tmp_path / "wide.md", layout="wide")  # the pivot: every column's best
+    table = [line for line in wide.splitlines() if line.startswith("|")]
     assert sum(line.count("**") for line in table) == 2 * len(board.best())
     for column, index in board.best().items():
         shown = board.table.at[index, column]
-        assert f"**{shown}**" in md, (column, index)
-    assert "**82.50 ± 0.71**" not in md and "**84.50 ± 0.71**" in md  # rtn W4 sst2 loses to gptq
+        assert f"**{shown}**" in wide, (column, index)
+    assert "**82.50 ± 0.71**" not in wide and "**84.50 ± 0.71**" in wide
+
+
+def test_html_and_latex_render_the_long_layout_when_asked(board, tmp_path):
+    view = board.view("long")
+    _, page = board.write("html", tmp_path / "long.html", layout="long")
+    marked = re.findall(r'<td[^>]*class="[^"]*\bbest\b[^"]*"[^>]*>([^<]*)</td>', page)
+    assert sorted(marked) == sorted(view.table.at[i, c] for i, c in view.best)
+    assert ">bits</th>" in page and "best quantized score of its grid" in page
+    _, tex = board.write("latex", tmp_path / "long.tex", layout="long")
+    assert r"\begin{tabular}{lll" in tex and tex.count(r"\textbf{") == len(view.best)
+    assert r"rtn[clip\_mse\&50\%]" in tex
 
 
 def test_html_marks_best_cells_with_a_class_and_embeds_plots(board, rendered):
