@@ -7,10 +7,16 @@ code 2 -- never a traceback. ``-v`` shows the log (``-vv`` debug, with traceback
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import io
 import json
 import logging
 import os
 import sys
+import textwrap
+import tokenize
 
 from bench import __version__, logs
 from bench.errors import BenchError, unknown
@@ -104,6 +110,7 @@ def cmd_run(args) -> int:
         seeds=int_list(args.seeds, "--seeds"),
         act_bits=act_bits,
         settings=parse_settings(args.set),
+        sweeps=args.sweep,
         symmetric=not args.asymmetric,
         narrow=args.narrow_grid,
         embeddings=args.quantize_embeddings,
@@ -124,48 +131,194 @@ def cmd_run(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+LIST_WIDTH = 120  # `bench list` and `bench describe` lines fit a terminal this wide
+LIST_HEADERS = {
+    "methods": ["name", "data", "description", "plugin"],
+    "tasks": ["name", "kind", "description", "plugin"],
+    "metrics": ["name", "description", "plugin"],
+    "reporters": ["name", "description", "plugin"],
+}
+
+
 def cmd_list(args) -> int:
     from bench import plugins as plugin_mod
 
     if args.kind not in plugin_mod.KINDS:
         raise unknown("kind", args.kind, plugin_mod.KINDS)
     registry = plugin_mod.default().registry(args.kind)
-    rows = []
-    for entry in registry.entries():
-        rows.append([entry.name, ", ".join(entry.aliases), _describe(args.kind, entry), str(entry.provider)])
-    from tabulate import tabulate
-
-    print(tabulate(rows, headers=["name", "aliases", "details", "plugin"]))
+    if args.name:
+        print(_details(args.kind, registry.entry(args.name)))
+        return 0
+    print(_columns([_summary(args.kind, entry) for entry in registry.entries()], LIST_HEADERS[args.kind]))
     return 0
 
 
-def _describe(kind: str, entry) -> str:
-    obj = entry.obj
+def cmd_describe(args) -> int:
+    from bench import plugins as plugin_mod
+    from bench.errors import UnknownNameError, did_you_mean
+
+    loaded = plugin_mod.default()
+    found = [(kind, loaded.registry(kind)) for kind in plugin_mod.KINDS if args.name in loaded.registry(kind)]
+    if not found:
+        names = [n for kind in plugin_mod.KINDS for e in loaded.registry(kind).entries() for n in (e.name, *e.aliases)]
+        close = did_you_mean(args.name, names)
+        raise UnknownNameError(f"unknown name '{args.name}'{close}; see `bench list methods|tasks|metrics|reporters`")
+    print("\n\n".join(_details(kind, registry.entry(args.name)) for kind, registry in found))
+    return 0
+
+
+def _columns(rows: list[list[str]], headers: list[str]) -> str:
+    """Rows as aligned columns under a header and a rule, the description cut (…) so lines fit ``LIST_WIDTH``."""
+    cut = headers.index("description")
+    others = sum(max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers) if i != cut)
+    room = max(LIST_WIDTH - others - 2 * (len(headers) - 1), 24)
+    rows = [[_cut(cell, room) if i == cut else cell for i, cell in enumerate(row)] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def _summary(kind: str, entry) -> list[str]:
+    """One ``bench list`` row: name, what data it uses / its kind, one line about it, its plugin (aliases: in
+    ``bench describe``)."""
+    obj, name = entry.obj, entry.name
     if kind == "methods":
-        return f"data={obj.data_used}; {obj.description}" + _settings(obj.Config)
+        return [name, obj.data_used, _first_line(obj.description or obj.__doc__), str(entry.provider)]
     if kind == "tasks" and entry.meta.get("members"):
-        return f"group: {', '.join(entry.meta['members'])}"
+        return [name, "group", "runs " + ", ".join(entry.meta["members"]), str(entry.provider)]
     if kind == "tasks":
-        from bench import hub
-
-        sources = ", ".join(
-            f"{src} [{'off' if hub.offline() else 'on'}]" if src == "hub" else src for src in obj().data_sources()
-        )
-        return (
-            f"{obj.kind}; metrics: {', '.join(obj.metrics)} (primary {obj.primary_metric}); data: {sources}"
-            + _settings(obj.Recipe)
-        )
+        return [name, obj.kind, f"{obj.primary_metric}; data: {_sources(obj)}", str(entry.provider)]
     if kind == "metrics":
-        direction = "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
-        return direction + ("; a fraction, shown x100" if entry.meta.get("percent") else "")
-    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+        return [name, _direction(entry), str(entry.provider)]
+    return [name, _first_line(obj.__doc__), str(entry.provider)]
 
 
-def _settings(config_cls) -> str:
-    import dataclasses
+def _sources(task_cls) -> str:
+    from bench import hub
 
-    fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(config_cls))
-    return f"; settings: {fields}" if fields else ""
+    sources = task_cls().data_sources()
+    return ", ".join(f"{src} [{'off' if hub.offline() else 'on'}]" if src == "hub" else src for src in sources)
+
+
+def _direction(entry) -> str:
+    direction = "higher is better" if entry.meta.get("higher_is_better", True) else "lower is better"
+    return direction + ("; a fraction, shown x100" if entry.meta.get("percent") else "")
+
+
+def _details(kind: str, entry) -> str:
+    """``bench describe NAME``: what a registered name is, what it uses, who provides it, and each setting."""
+    from bench import plugins as plugin_mod
+
+    obj = entry.obj
+    what = kind.rstrip("s")
+    facts = {"plugin": str(entry.provider), "aliases": ", ".join(entry.aliases)}
+    config, scope = None, entry.name
+    if kind == "methods":
+        about = obj.description or _first_line(obj.__doc__)
+        facts |= {"data used": obj.data_used, "role": getattr(obj, "role", None) or ""}
+        config = obj.Config
+    elif kind == "tasks" and entry.meta.get("members"):
+        about = "a group: runs " + ", ".join(entry.meta["members"])
+    elif kind == "tasks":
+        about = _first_line(obj.__doc__)
+        metrics = plugin_mod.default().metrics
+        others = [m for m in obj.metrics if m != obj.primary_metric]
+        primary = obj.primary_metric
+        if primary in metrics:
+            primary += f" ({_direction(metrics.entry(primary))})"
+        facts |= {
+            "kind": obj.kind,
+            "metrics": primary + (f"; also {', '.join(others)}" if others else ""),
+            "data": _sources(obj),
+            "default task of": ", ".join(f"{k} models" for k in obj.default_for_kinds),
+        }
+        config = obj.Recipe
+    elif kind == "metrics":
+        about = _first_line(getattr(obj, "__doc__", None))
+        facts["direction"] = _direction(entry)
+    else:
+        about = _first_line(getattr(obj, "__doc__", None))
+    lines = [_wrap(f"{what} {entry.name}: {about}" if about else f"{what} {entry.name}")]
+    lines += [_wrap(f"{key}: {value}", "  ", "    ") for key, value in facts.items() if value]
+    lines += _settings(config, scope, kind)
+    return "\n".join(lines)
+
+
+def _settings(config, scope: str, kind: str) -> list[str]:
+    """Each field of a settings dataclass: ``name: type = default`` and its help (the field's comment)."""
+    fields = dataclasses.fields(config) if config is not None and dataclasses.is_dataclass(config) else ()
+    if not fields:
+        return ["  settings: none"] if config is not None else []
+    where = f"--set {scope}.FIELD=VALUE" + (" or task.FIELD=VALUE for every task" if kind == "tasks" else "")
+    lines = [f"  settings ({where}):"]
+    doc = config.__doc__ or ""
+    if doc and not doc.startswith(f"{config.__name__}("):  # dataclasses write a signature where no docstring is
+        lines.append(_wrap(_first_line(doc), "    ", "    "))
+    helps = _field_help(config)
+    for f in fields:
+        lines.append(f"    {f.name}: {_type_name(f.type)} = {_default(f)}")
+        if helps.get(f.name):
+            lines.append(_wrap(helps[f.name], "        ", "        "))
+    return lines
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _default(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "(required)"
+
+
+def _field_help(config) -> dict[str, str]:
+    """Per field of the dataclass ``config`` (and the dataclasses it extends): the comment at the end of its line,
+    else the comment lines right above it. Empty where the source cannot be read (a class made at run time)."""
+    helps: dict[str, str] = {}
+    for cls in reversed(config.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+            lines = source.splitlines()
+            comments = {
+                token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT
+            }
+            body = ast.parse(source).body[0].body
+        except (OSError, TypeError, SyntaxError, IndexError, AttributeError, tokenize.TokenError):
+            continue
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above, line = [], node.lineno - 1
+            while line in comments and lines[line - 1].lstrip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            text = comments.get(node.end_lineno) or " ".join(above)
+            if text:
+                helps[node.target.id] = text
+    return helps
+
+
+def _wrap(text: str, first: str = "", rest: str = "  ") -> str:
+    return textwrap.fill(
+        text, LIST_WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def cmd_plugins(args) -> int:
@@ -190,8 +343,9 @@ def cmd_leaderboard(args) -> int:
     from bench import plugins as plugin_mod
 
     fmt = plugin_mod.default().reporters.entry(args.format).name  # an unknown format fails before anything is read
+    layout = leaderboard.check_layout(args.layout) if args.layout else None
     board = leaderboard.load(args.run_dirs, skip_damaged=args.skip_damaged)
-    path, text = board.write(fmt, args.output)
+    path, text = board.write(fmt, args.output, layout=layout)
     if text is not None and fmt != "html":
         print(text)
     written = path.parent / f"{path.stem}-*.png" if fmt == "png" else path
@@ -216,6 +370,11 @@ def cmd_show(args) -> int:
         print(f"  failed  {row['key']}: {row.get('error')}")
     for key in pending:
         print(f"  pending {key}")
+    if ok:
+        from bench.metrics.memory import phase_table
+
+        print("\nwhere the time and memory went (prepare: the group's data, model and fine-tune, shared by its cells)")
+        print(phase_table([latest[k] for k in ok]))
     return 0
 
 
@@ -309,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(task.FIELD=VALUE); see `bench list methods|tasks`; repeatable",
     )
     run.add_argument(
+        "--sweep",
+        action="append",
+        metavar="METHOD.FIELD=V1,V2,...",
+        help="make a method setting an axis of the grid: each value is its own cell (a --set for that cell, checked "
+        "the same way) and its own leaderboard row, e.g. --sweep zsaq.steps=60,240,960; the method must be in "
+        "--methods; two sweeps of one method run their product; the baseline and FP32 cells are not multiplied; "
+        "a rerun with more values runs only the new cells; repeatable",
+    )
+    run.add_argument(
         "--data-dir",
         default=None,
         help="local copy of the task data (GLUE: DIR/<TASK>/{train,dev}.tsv or parquet), instead of hub/offline twin",
@@ -365,10 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         cmd_list,
         "list",
-        help="list registered methods, tasks, metrics or reporters",
-        description="List what the installed plugins registered, and which plugin provided each.",
+        help="list registered methods, tasks, metrics or reporters (one line each; with NAME: its details)",
+        description="List what the installed plugins registered, one line each, and which plugin provided each; "
+        "`bench list KIND NAME` (or `bench describe NAME`) shows one in full, with its settings.",
     )
     lst.add_argument("kind", help="methods, tasks, metrics or reporters")
+    lst.add_argument("name", nargs="?", default=None, help="one of them: its description, plugin and every setting")
+
+    desc = _command(
+        sub,
+        cmd_describe,
+        "describe",
+        help="describe a method, task, metric or reporter: what it does, its data, plugin and settings",
+        description="What a registered name is: its description, the data it uses, the plugin that provides it, "
+        "and each setting (--set NAME.FIELD=VALUE) with its type, default and help.",
+    )
+    desc.add_argument("name", help="a method, task, metric or reporter name (see `bench list`)")
 
     plg = _command(
         sub,
@@ -385,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         "leaderboard",
         help="render the leaderboard of one or more run dirs",
         description="Merge the results of RUN_DIRs (default: the newest under results/) into one "
-        "table: a row per method, columns per bit-width x task.",
+        "table: a row per method x bit-width (--layout long, md's default) or a row per method, columns per "
+        "bit-width x task (--layout wide).",
         skip_damaged=True,
     )
     lb.add_argument(
@@ -398,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="md", help="md, csv, json, html, latex, png (plots), or a format an installed plugin adds"
     )
     lb.add_argument("--output", default=None, help="file to write; default RUN_DIR/leaderboard.FORMAT")
+    lb.add_argument(
+        "--layout",
+        default=None,
+        help="long (a row per method x bit-width, fits 120 columns; md's default) or wide (a row per method, columns "
+        "per bit-width x task; the default of html and latex); csv, json and png have one layout",
+    )
 
     show = _command(
         sub,

@@ -55,6 +55,10 @@ def test_bad_run_input(argv, message, tmp_path, capsys):
     "argv,message",
     [
         (["list", "metric"], "unknown kind 'metric' (did you mean 'metrics'?)"),
+        (["list", "methods", "rtm"], "unknown method 'rtm' (did you mean 'rtn'?)"),
+        (["describe", "rtm"], "unknown name 'rtm' (did you mean 'rtn'?)"),
+        (["describe", "sst3"], "unknown name 'sst3' (did you mean 'sst2'?)"),
+        (["leaderboard", "{tmp}", "--layout", "wdie"], "unknown layout 'wdie' (did you mean 'wide'?)"),
         (["leaderboard", "{tmp}", "--format", "mdd"], "unknown reporter 'mdd' (did you mean 'md'?)"),
         (["leaderboard", "{tmp}/nope"], "does not exist"),
         (["leaderboard", "{tmp}"], "is not a quantbench run dir"),
@@ -68,7 +72,7 @@ def test_bad_other_input(argv, message, tmp_path, capsys):
 
 
 def test_help_explains_each_command(capsys):
-    for cmd in ("run", "list", "plugins", "leaderboard", "show"):
+    for cmd in ("run", "list", "describe", "plugins", "leaderboard", "show"):
         with pytest.raises(SystemExit) as exit_info:
             main([cmd, "--help"])
         assert exit_info.value.code == 0

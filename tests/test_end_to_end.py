@@ -38,7 +38,11 @@ def test_rows_follow_the_schema(first_run):
         for field in ("sharpness", "latency", "size_bytes", "started", "finished", "wall_time_s"):
             assert field in row
         assert row["sharpness"]["value"] >= 0 and row["sharpness"]["rho"] == 0.05
-        assert row["latency"]["p50"] > 0 and row["latency"]["n"] == 20 and row["latency"]["kernel"]
+        latency = row["latency"]
+        assert latency["p50"] > 0 and latency["n"] >= 1 and latency["min_run_s"] == 1.0 and latency["kernel"]
+        assert latency["timer"] == "torch.utils.benchmark.blocked_autorange"
+        assert row["peak_rss_mb"] > 0 and row["timing"]["rss_scope"] in ("phase", "process")
+        assert {"prepare_s", "method_s", "eval_s", "latency_s", "sharpness_s"} <= set(row["timing"])
         assert row["size_bytes"] < row["fp32_size_bytes"] or row["method"] == "fp32"
     rtn4 = next(r for r in rows if r["bits"] == "W4A32")
     assert rtn4["w_bits"] == 4 and rtn4["a_bits"] is None and rtn4["granularity"] == "per-channel"
@@ -78,7 +82,9 @@ def test_leaderboard_command_and_show(first_run, capsys):
     assert main(["leaderboard", str(first_run), "--format", "csv", "--output", str(first_run / "x.csv")]) == 0
     assert "W4A32 sst2" in (first_run / "x.csv").read_text()
     assert main(["show", str(first_run)]) == 0
-    assert "3 planned, 3 done, 0 failed, 0 pending" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "prepare s" in shown and "peak MiB" in shown and "rtn" in shown  # seconds and memory per phase
+    assert "3 planned, 3 done, 0 failed, 0 pending" in shown
 
 
 class _Exploding(Method):

@@ -244,7 +244,7 @@ def test_a_grid_whose_cells_ran_different_kernels_names_each_and_simulated_shows
     assert long.at[("rtn", "none", "W2A8"), "p50 ms"] == "13.70 x1.59"  # one kernel in the grid: named in the notes
 
 
-def test_bench_leaderboard_prints_long_and_the_wide_layout_is_the_pivot(tmp_path, capsys):
+def test_bench_leaderboard_prints_long_and_layout_wide_gives_the_pivot(tmp_path, capsys):
     import bench
     from bench.cli import main
     from bench.results import ResultStore
@@ -255,8 +255,9 @@ def test_bench_leaderboard_prints_long_and_the_wide_layout_is_the_pivot(tmp_path
     assert main(["leaderboard", str(tmp_path / "run")]) == 0
     header = _md_table(capsys.readouterr().out)[0]
     assert header[:4] == ["method", "data", "bits", "sst2"]
+    assert main(["leaderboard", str(tmp_path / "run"), "--layout", "wide"]) == 0
     board = bench.leaderboard([tmp_path / "run"])
-    header, *rows = _md_table(board.write("md", tmp_path / "wide.md", layout="wide")[1])
+    header, *rows = _md_table(capsys.readouterr().out)
     assert header == ["method", "data", *board.flat_columns()] and "W2A8 Δrtn" in header
     assert [tuple(r[:2]) for r in rows] == list(board.table.index)
     assert rows[3][header.index("W2A8 Δrtn")] == board.table.at[("zsaq", "none"), ("W2A8", "Δrtn")] == "+3.65 ± 0.92"

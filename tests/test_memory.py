@@ -50,6 +50,7 @@ def test_phase_table_shows_each_phase_and_the_peak():
     new["timing"] = {"prepare_s": 12.0, "method_s": 40.25, "eval_s": 9.5, "sharpness_s": 11.0, "peak_rss_mb": {}}
     old = {"method": "rtn", "bits": "W4A8", "task": "sst2", "seed": 0, "cost": {"method_s": 0.75}, "timing": None}
     lines = phase_table([new, old]).splitlines()
-    assert lines[0].split() == "method bits task seed prepare s method s eval s latency s sharpness s cell s peak MiB".split()
+    header = "method bits task seed prepare s method s eval s latency s sharpness s cell s peak MiB"
+    assert lines[0].split() == header.split()
     assert lines[2].split() == ["zsaq", "W2A8", "sst2", "0", "12.0", "40.2", "9.5", "–", "11.0", "61.0", "2048.5"]
     assert lines[3].split()[4:6] == ["–", "0.8"]  # an old row: the method's seconds from its cost

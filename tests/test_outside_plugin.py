@@ -55,7 +55,7 @@ def _bench(site, *args, check=True):
 def test_outside_method_is_listed(plugin_site):
     out = _bench(plugin_site, "list", "methods").stdout
     line = next(line for line in out.splitlines() if line.startswith("clipped-rtn"))
-    assert PROVIDER in line and "ratio=0.9" in line
+    assert PROVIDER in line and "ratio: float = 0.9" in _bench(plugin_site, "describe", "clipped-rtn").stdout
     infos = json.loads(_bench(plugin_site, "plugins", "--json").stdout)
     registered = {
         "methods": ["clipped-rtn"],
@@ -102,8 +102,9 @@ def _listed(site, kind: str, name: str) -> str:
 
 def test_outside_task_metric_and_reporter_are_listed(plugin_site):
     task = _listed(plugin_site, "tasks", "keyword-sentiment")
-    assert PROVIDER in task and "metrics: accuracy, balanced-accuracy (primary balanced-accuracy)" in task
-    assert "data: generated" in task and "lr=0.001" in task
+    details = _bench(plugin_site, "list", "tasks", "keyword-sentiment").stdout  # one line each; in full with NAME
+    assert PROVIDER in task and "metrics: balanced-accuracy (higher is better; a fraction, shown x100)" in details
+    assert "data: generated" in details and "lr: float = 0.001" in details
     metric = _listed(plugin_site, "metrics", "balanced-accuracy")
     assert PROVIDER in metric and "higher is better; a fraction, shown x100" in metric
 

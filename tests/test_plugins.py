@@ -157,3 +157,42 @@ def test_registry_checks_each_kind(kind, obj, meta, problem):
     registry = Registry(kind, checks()[kind])
     with pytest.raises(MalformedPluginError, match=problem):
         registry.add("x", obj, Provider("p", "d", "1"), **meta)
+
+
+def test_list_prints_one_short_line_per_plugin(capsys):
+    from bench import __version__
+    from bench.cli import main
+
+    for kind in plugins.KINDS:
+        assert main(["list", kind]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(map(len, lines)) <= 120, (kind, lines)
+        assert [line.split()[0] for line in lines[2:]] == plugins.default().registry(kind).names()
+    main(["list", "methods"])
+    rtn = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("rtn "))
+    assert rtn.split()[1] == "none" and "round-to-nearest" in rtn and rtn.endswith(f"rtn (quantbench {__version__})")
+    assert "clip=" not in rtn  # settings: in `bench describe rtn`
+
+
+def test_describe_shows_every_setting_with_its_type_default_and_help(capsys):
+    import dataclasses
+
+    from bench.cli import main
+
+    assert main(["describe", "rtn"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method rtn: round-to-nearest") and "data used: none" in out and "role: baseline" in out
+    assert "plugin: rtn (quantbench" in out and "settings (--set rtn.FIELD=VALUE):" in out
+    assert "    clip: Literal['minmax', 'percentile', 'mse'] = 'minmax'" in out
+    assert main(["list", "methods", "zsaq"]) == 0  # the same details
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(plugins.default().methods.get("zsaq").Config):
+        assert f"    {field.name}: " in out, field.name
+    assert "    rho: float = 0.05\n        SAM radius (paper default)\n" in out  # the field's comment is its help
+    assert "Generator objective D + diversity" in out  # a comment above the field
+    assert max(map(len, out.splitlines())) <= 120
+    assert main(["describe", "sst-2"]) == 0  # an alias; a task's settings are its recipe
+    out = capsys.readouterr().out
+    assert out.startswith("task sst2:") and "aliases: sst-2" in out and "kind: classification" in out
+    assert "metrics: accuracy (higher is better; a fraction, shown x100)" in out and "offline twin" in out
+    assert "max_train_examples: int = 4000\n        0 = the whole training split" in out
