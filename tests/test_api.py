@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny import tiny_llama
+from tiny import in_process_plugin, tiny_llama
 
 import bench
 from bench import plugins
@@ -113,16 +113,11 @@ class _SaysItsName(bench.api.Method):
 
 
 def test_a_method_knows_the_name_it_was_registered_under(tmp_path):
-    import types
-
-    @bench.hookimpl
     def register_methods(register):
         register("name-a", _SaysItsName)
         register("name-b", _SaysItsName)
 
-    module = types.ModuleType("twonames")
-    module.register_methods = register_methods
-    loaded = plugins.load(extra=[("twonames", module)])
+    loaded = in_process_plugin("twonames", register_methods=register_methods)
     kwargs = {**_example_kwargs(tmp_path / "names"), "methods": ["name-a", "name-b"], "bits": [4], "formats": ()}
     result = bench.run(**kwargs, reference=False, baseline=False, plugins=loaded)
     assert {r["method"]: r["method_info"]["ran_as"] for r in result.rows} == {"name-a": "name-a", "name-b": "name-b"}

@@ -1,11 +1,11 @@
 """`bench run` end to end on the 4 M-parameter test encoder: rows, resume, failures, leaderboard."""
 
 import json
-import types
 
 import pytest
+from tiny import in_process_plugin
 
-from bench import hookimpl, plugins
+from bench import plugins
 from bench.api import Method
 from bench.cli import main
 
@@ -107,15 +107,12 @@ class _DataPeeker(Method):
 
 @pytest.fixture
 def with_test_methods(monkeypatch):
-    @hookimpl
     def register_methods(register):
         register("exploding", _Exploding)
         register("notamodel", _NotAModel)
         register("peeker", _DataPeeker)
 
-    module = types.ModuleType("testmethods")
-    module.register_methods = register_methods
-    loaded = plugins.load(extra=[("testmethods", module)])
+    loaded = in_process_plugin("testmethods", register_methods=register_methods)
     monkeypatch.setattr(plugins, "default", lambda: loaded)
 
 

@@ -26,7 +26,7 @@ TINY = [
 GRID = ["run", "--methods", "rtn,gptq", "--bits", "4,8", "--set", "gptq.n_samples=8", *TINY]
 # fields that legitimately differ between executors (when and where a row was made, whether the FP model
 # came from the cache, the command line, the torch thread count of the worker)
-VOLATILE = {"started", "finished", "wall_time_s", "finetune", "command", "host", "timing"}
+VOLATILE = {"started", "finished", "wall_time_s", "finetune", "command", "host", "timing", "peak_rss_mb"}
 
 
 def _rows(run_dir):

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny import result_row
+from tiny import in_process_plugin, result_row
 
 from bench import plugins
 from bench.leaderboard import build
@@ -87,9 +87,8 @@ def test_empty_board():
 
 
 def test_compression_column_and_an_outside_reporter(tmp_path, monkeypatch, capsys):
-    import types
 
-    from bench import hookimpl, plugins
+    from bench import plugins
     from bench.cli import main
     from bench.results import ResultStore
 
@@ -101,13 +100,10 @@ def test_compression_column_and_an_outside_reporter(tmp_path, monkeypatch, capsy
     assert board.table.loc[("rtn", "none"), ("W4A32", "compression")] == "x4.00"
     assert board.table.loc[("fp32", "none"), ("FP32", "compression")] == "x1.00"
 
-    @hookimpl
     def register_reporters(register):  # what an outside package's module would hold
         register("tsv", lambda board, path: path.write_text(board.table.to_csv(sep="\t")) and "tsv written")
 
-    module = types.ModuleType("tsvplugin")
-    module.register_reporters = register_reporters
-    loaded = plugins.load(extra=[("tsvplugin", module)])
+    loaded = in_process_plugin("tsvplugin", register_reporters=register_reporters)
     monkeypatch.setattr(plugins, "default", lambda: loaded)
     store = ResultStore(tmp_path / "run")
     for row in rows:

@@ -2,12 +2,10 @@
 (in-process, as a package's module would): the leaderboard ranks it by the registered direction (best = lowest)
 and shows it as registered (not x100); a task declares which model kind it is the default of."""
 
-import types
-
 import pytest
-from tiny import result_row
+from tiny import in_process_plugin, result_row
 
-from bench import hookimpl, models, plugins
+from bench import models, plugins
 from bench.api import Task
 from bench.errors import BenchError, PluginError
 from bench.grid import default_task
@@ -29,17 +27,13 @@ def wer(predictions, references) -> float:
 
 
 def _plugin(task_cls=ToyASR) -> plugins.Plugins:
-    @hookimpl
     def register_tasks(register):
         register("asr-toy", task_cls)
 
-    @hookimpl
     def register_metrics(register):
         register("wer", wer, higher_is_better=False)
 
-    module = types.ModuleType("asrplugin")
-    module.register_tasks, module.register_metrics = register_tasks, register_metrics
-    return plugins.load(extra=[("asrplugin", module)])
+    return in_process_plugin("asrplugin", register_tasks=register_tasks, register_metrics=register_metrics)
 
 
 def _rows():

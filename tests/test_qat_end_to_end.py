@@ -2,15 +2,15 @@
 (``Task.train_batches``) and what the runner hands to labeled vs zero-shot methods."""
 
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 from bench.tasks.glue import SST2
 from bench.tasks.lm import LMRecipe, WikiText2
+from tiny import in_process_plugin
 
-from bench import hookimpl, hub, plugins
+from bench import hub, plugins
 from bench.api import Method, TaskData
 from bench.cli import main
 
@@ -68,14 +68,11 @@ class _LabeledProbe(_Probe):
 
 
 def test_runner_hands_training_data_only_to_labeled_methods(monkeypatch, tmp_path):
-    @hookimpl
     def register_methods(register):
         register("probe-none", _Probe)
         register("probe-labeled", _LabeledProbe)
 
-    module = types.ModuleType("probes")
-    module.register_methods = register_methods
-    loaded = plugins.load(extra=[("probes", module)])
+    loaded = in_process_plugin("probes", register_methods=register_methods)
     monkeypatch.setattr(plugins, "default", lambda: loaded)
     _Probe.seen.clear()
     argv = ["run", "--methods", "probe-none,probe-labeled", "--bits", "4", *TINY[: -len(BUDGET)], "--no-sharpness"]

@@ -124,7 +124,7 @@ def test_cli_bad_sweep_is_one_line_exit_2_nothing_written(argv, message, tmp_pat
 def test_run_help_explains_sweep_with_an_example():
     run = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
     help_text = " ".join(run.format_help().split())
-    assert "--sweep METHOD.FIELD=V1,V2,..." in help_text and "--sweep zsaq.steps=60,240,960" in help_text
+    assert "--sweep METHOD.FIELD=V1,V2,..." in help_text and "--sweep METHOD.steps=60,240,960" in help_text
 
 
 def _kwargs(out, clips):

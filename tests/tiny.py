@@ -125,3 +125,16 @@ def installed_plugin(tmp_path, monkeypatch, name: str, source: str, version: str
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     sys.modules.pop(name, None)
+
+
+def in_process_plugin(name: str, **hooks):
+    """Plugins with the built-ins and one more plugin ``name`` whose module holds ``hooks`` (hook name -> function),
+    as an outside package's module would, loaded in this process (no install)."""
+    import types
+
+    from bench import hookimpl, plugins
+
+    module = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(module, hook_name, hookimpl(fn))
+    return plugins.load(extra=[(name, module)])
