@@ -472,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="METHOD.FIELD=V1,V2,...",
         help="make a method setting an axis of the grid: each value is its own cell (a --set for that cell, checked "
-        "the same way) and its own leaderboard row, e.g. --sweep METHOD.steps=60,240,960 for a method with a steps setting (see "
-        "`bench describe METHOD`); the method must be in "
-        "--methods; two sweeps of one method run their product; the baseline and FP32 cells are not multiplied; "
-        "a rerun with more values runs only the new cells; repeatable",
+        "the same way) and its own leaderboard row, e.g. --sweep METHOD.steps=60,240,960 for a method with a steps "
+        "setting (see `bench describe METHOD`); the method must be in --methods; two sweeps of one method run their "
+        "product; the baseline and FP32 cells are not multiplied; a rerun with more values runs only the new cells; "
+        "repeatable",
     )
     run.add_argument(
         "--data-dir",
