@@ -492,9 +492,13 @@ class GlueTask(Task):
             desc=f"fine-tune {self.name}",
         )
 
-    def _sampled(self, tokenizer, split: dict, n: int, seed: int, device, recipe, labeled: bool) -> list[dict]:
+    def _sampled(
+        self, tokenizer, split: dict, n: int, seed: int, device, recipe, labeled: bool, by_length: bool = False
+    ) -> list[dict]:
         recipe = recipe or self.Recipe()
         idx = np.random.default_rng(seed).permutation(len(split["label"]))[:n]
+        if by_length:  # the same examples, batched shortest first (see ``_by_length``)
+            idx = idx[self._by_length({k: [split[k][i] for i in idx] for k in self.spec.text_keys}, len(idx))]
         return list(
             self._batches(
                 tokenizer, split, idx, recipe, batch_size=recipe.eval_batch_size, device=device, labeled=labeled
@@ -507,7 +511,9 @@ class GlueTask(Task):
     def loss_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None) -> list[dict]:
         """``n`` labeled examples of the evaluation split (a seeded choice) as batches for ``loss``: the
         loss-landscape (sharpness) metric probes the model where it is scored."""
-        return self._sampled(tokenizer, data.splits[data.eval_split], n, seed, device, recipe, labeled=True)
+        return self._sampled(
+            tokenizer, data.splits[data.eval_split], n, seed, device, recipe, labeled=True, by_length=True
+        )
 
     @torch.no_grad()
     def predict(self, model, tokenizer, data: TaskData, *, limit=None, device="cpu", recipe=None):
@@ -516,15 +522,27 @@ class GlueTask(Task):
         split = data.splits[data.eval_split]
         n = len(split["label"]) if not limit else min(limit, len(split["label"]))
         model.eval()
-        preds: list = []
+        order = self._by_length(split, n)
+        preds: list = [None] * n
         batches = self._batches(
-            tokenizer, split, np.arange(n), recipe, batch_size=recipe.eval_batch_size, device=device, labeled=False
+            tokenizer, split, order, recipe, batch_size=recipe.eval_batch_size, device=device, labeled=False
         )
         total = math.ceil(n / recipe.eval_batch_size)
+        done = 0
         for batch in tqdm(batches, total=total, desc=f"eval {self.name}", leave=False):
             logits = model(**batch).logits
-            preds.extend((logits.argmax(-1) if self.spec.label_names else logits[:, 0]).tolist())
+            out = (logits.argmax(-1) if self.spec.label_names else logits[:, 0]).tolist()
+            for i, value in zip(order[done : done + len(out)], out, strict=True):
+                preds[i] = value
+            done += len(out)
         return preds, list(split["label"][:n])
+
+    def _by_length(self, split: dict, n: int) -> np.ndarray:
+        """The first ``n`` examples, shortest text first: a batch is padded to its longest example, so batches of
+        similar lengths skip most of the padding (SST-2's dev batches in file order: about half padding). Each
+        example's prediction is its own (padding is masked), so the order changes nothing but the time."""
+        chars = [sum(len(split[k][i]) for k in self.spec.text_keys) for i in range(n)]
+        return np.argsort(chars, kind="stable")
 
 
 def _task_class(spec: GlueSpec) -> type[GlueTask]:

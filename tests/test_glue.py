@@ -295,6 +295,30 @@ def test_stsb_is_a_regression_task(glue_dir, tiny, tokenizer):
         assert torch.allclose(task.loss(net, batch), expected)
 
 
+@pytest.mark.parametrize("name", ["sst2", "stsb"])
+def test_predictions_in_length_order_are_each_examples_own(glue_dir, tiny, tokenizer, name):
+    """predict batches examples shortest first (less padding); each prediction must still be its own example's,
+    in the split's order: checked against a reference loop that runs one unpadded example at a time."""
+    task = TASKS[name]()
+    data = task.load(str(glue_dir))
+    net, _ = task.load_model(tiny)
+    val = data.splits["validation"]
+    lengths = [sum(len(val[k][i]) for k in task.spec.text_keys) for i in range(len(val["label"]))]
+    assert lengths != sorted(lengths)  # the split is not already in length order: the test can fail
+    preds, refs = task.predict(net, tokenizer, data, recipe=task.Recipe(eval_batch_size=4))
+    expected = []
+    with torch.no_grad():
+        for i in range(len(val["label"])):
+            enc = tokenizer(*[val[k][i] for k in task.spec.text_keys], return_tensors="pt", truncation=True)
+            logits = net(**enc).logits[0]
+            expected.append(int(logits.argmax()) if task.spec.label_names else float(logits[0]))
+    assert refs == list(val["label"])
+    if task.spec.label_names:
+        assert preds == expected
+    else:
+        assert np.allclose(preds, expected, atol=1e-5)
+
+
 def test_loss_batches_are_seeded_labeled_eval_examples(glue_dir, tiny, tokenizer):
     task = TASKS["rte"]()
     data = task.load(str(glue_dir))
