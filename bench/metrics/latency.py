@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import benchmark
+from torch.utils.benchmark.utils.common import set_torch_threads
 
 from bench.quant.kernels import build_latency_model, kernel_label
 
@@ -70,7 +71,7 @@ def measure(
         raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time!r}")
     pinned = torch.get_num_threads() if threads is None else int(threads)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, timer=clock, num_threads=pinned)
-    with _threads(pinned):
+    with set_torch_threads(pinned):  # warm-up on the count it warms up for (kernels pack per thread count)
         for _ in range(warmup):
             fn()
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
@@ -84,17 +85,6 @@ def measure(
         "min_run_s": min_run_time,
         "timer": "torch.utils.benchmark.blocked_autorange",
     }
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """The warm-up runs on the thread count it warms up for (some kernels pack weights per thread count)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def latency_of_model(
