@@ -1,21 +1,12 @@
 """Plugin loading through real entry points, clashes, broken plugins, provenance."""
 
-import types
-
 import pytest
-from tiny import installed_plugin
+from tiny import installed_plugin, plugin_module
 
-from bench import hookimpl, plugins
+from bench import plugins
 from bench.api import Method
 from bench.errors import DuplicateNameError, PluginError, UnknownNameError
 from bench.registry import Provider, Registry
-
-
-def _module(name, **hooks):
-    mod = types.ModuleType(name)
-    for hook_name, fn in hooks.items():
-        setattr(mod, hook_name, hookimpl(fn))
-    return mod
 
 
 class Dummy(Method):
@@ -36,7 +27,7 @@ def test_duplicate_name_names_both_plugins():
         register("rtn", Dummy)
 
     with pytest.raises(DuplicateNameError, match=r"rtn.*rtn \(quantbench.*clashing"):
-        plugins.load(extra=[("clashing", _module("clashing", register_methods=reg_a))])
+        plugins.load(extra=[("clashing", plugin_module("clashing", register_methods=reg_a))])
 
 
 def test_alias_clash_is_a_duplicate_too():

@@ -127,14 +127,21 @@ def installed_plugin(tmp_path, monkeypatch, name: str, source: str, version: str
     sys.modules.pop(name, None)
 
 
-def in_process_plugin(name: str, **hooks):
-    """Plugins with the built-ins and one more plugin ``name`` whose module holds ``hooks`` (hook name -> function),
-    as an outside package's module would, loaded in this process (no install)."""
+def plugin_module(name: str, **hooks):
+    """A module ``name`` holding ``hooks`` (hook name -> function) as an outside package's plugin module would."""
     import types
 
-    from bench import hookimpl, plugins
+    from bench import hookimpl
 
     module = types.ModuleType(name)
     for hook_name, fn in hooks.items():
         setattr(module, hook_name, hookimpl(fn))
-    return plugins.load(extra=[(name, module)])
+    return module
+
+
+def in_process_plugin(name: str, **hooks):
+    """Plugins with the built-ins and one more plugin ``name`` (``plugin_module``), loaded in this process (no
+    install)."""
+    from bench import plugins
+
+    return plugins.load(extra=[(name, plugin_module(name, **hooks))])
