@@ -617,12 +617,16 @@ def _grid_text(grid: dict) -> str:
 
 
 def _provenance(rows: list[dict], run_dirs: list[str] | None) -> dict:
-    versions = provenance.versions()
+    """Where the table's numbers came from. Versions are the ones that produced the rows (the installed ones only
+    for an empty table), so a committed table re-renders the same anywhere; "rendered" is the one field of now."""
     commits = sorted({r.get("git_commit") or "?" for r in rows})
+    installed = provenance.versions()
+
+    def produced_by(package: str) -> str:
+        return ", ".join(sorted({r["versions"][package] for r in rows if package in (r.get("versions") or {})}))
+
     return {
-        "quantbench": versions["quantbench"],
-        "torch": versions["torch"],
-        "transformers": versions["transformers"],
+        **{package: produced_by(package) or installed[package] for package in ("quantbench", "torch", "transformers")},
         "model": "; ".join(sorted({f"{r['model']} ({r.get('model_source') or '?'})" for r in rows})) or "-",
         "data": "; ".join(sorted({f"{r['task']} ({r.get('data_source') or '?'})" for r in rows})) or "-",
         "git_commit (runs)": ", ".join(commits) or "-",

@@ -258,3 +258,14 @@ def test_bench_leaderboard_prints_long_and_layout_wide_gives_the_pivot(tmp_path,
     assert [tuple(r[:2]) for r in rows] == list(board.table.index)
     assert rows[3][header.index("W2A8 Δrtn")] == board.table.at[("zsaq", "none"), ("W2A8", "Δrtn")] == "+3.65 ± 0.92"
     assert board.long().index.names == ["method", "data", "bits"]  # the Python API reads the long table too
+
+
+def test_provenance_names_the_versions_that_produced_the_rows():
+    """A committed table re-renders the same under another install: its versions are the rows', not the renderer's."""
+    rows = [_row("fp32", "FP32", "sst2", 0, 0.9), _row("rtn", "W4A32", "sst2", 0, 0.8)]
+    for row, torch_version in zip(rows, ["2.11.0+cpu", "2.12.0+cpu"], strict=True):
+        row["versions"] = {"quantbench": "0.0.9", "torch": torch_version, "transformers": "4.50.0"}
+    made = build(rows, [], ["runs/a"]).provenance
+    assert made["quantbench"] == "0.0.9" and made["transformers"] == "4.50.0"
+    assert made["torch"] == "2.11.0+cpu, 2.12.0+cpu"
+    assert build([], [], ["runs/a"]).provenance["torch"]  # no rows: the installed versions
