@@ -315,3 +315,29 @@ def test_lazy_batchwise_loss_gives_the_same_values():
     assert eig_b["value"] == pytest.approx(eig_a["value"], rel=1e-3)
     tr_a, tr_b = hessian_trace(model, whole, samples=3), hessian_trace(model, lazy, samples=3)
     assert tr_b["value"] == pytest.approx(tr_a["value"], rel=1e-3)
+
+
+def test_large_models_recompute_activations_with_the_same_value(monkeypatch):
+    """From RECOMPUTE_ABOVE parameters the backward recomputes each decoder layer (Hugging Face gradient
+    checkpointing, switched on for the measured layers only): the same sharpness, layers really replayed, and
+    the model left as it was (eval mode, checkpointing off)."""
+    from tiny import tiny_llama
+
+    from bench.metrics import sharpness as module
+
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 30522, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss_fn = mean_loss(
+        [{"input_ids": ids[:1], "labels": ids[:1]}, {"input_ids": ids[1:], "labels": ids[1:]}], lazy=True
+    )
+    plain = sharpness(model, loss_fn, steps=3)
+    calls = []  # the layer's MLP runs inside its forward, so a replay of the checkpointed layer calls it again
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(module, "RECOMPUTE_ABOVE", 0)
+    recomputed = sharpness(model, loss_fn, steps=3)
+    assert recomputed["value"] == pytest.approx(plain["value"], rel=1e-5)
+    assert recomputed["base_loss"] == pytest.approx(plain["base_loss"], rel=1e-6)
+    # 4 loss evaluations x 2 batches forward, and each of the 3 backward passes x 2 batches replays the layer
+    assert len(calls) == 4 * 2 + 3 * 2
+    assert not model.is_activation_checkpointing and not model.training
+    assert not any(m.training for m in model.modules())

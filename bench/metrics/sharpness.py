@@ -212,14 +212,27 @@ def _grads_of(term: torch.Tensor, slots: list[WeightSlot], *, create_graph: bool
 def _loss_and_grads(
     model: nn.Module, loss_fn: LossFn, slots: list[WeightSlot], *, grads: bool = True
 ) -> tuple[float, Vectors | None]:
-    """The loss and its gradient with respect to the slots, term by term (a term's graph is freed at once)."""
-    loss, total = 0.0, _zeros(slots) if grads else None
-    with torch.set_grad_enabled(grads):
-        for term in _terms(loss_fn(model)):
-            loss += term.item()
-            if grads:
-                total = _axpy(total, 1.0, _grads_of(term, slots))
-    return loss, total
+    """The loss and its gradient with respect to the slots, term by term (a term's graph is freed at once).
+
+    Each term's backward accumulates into the slot tensors' ``.grad`` in place (``backward(inputs=...)``), so
+    one gradient vector is alive, not a running total beside each term's own gradient: on a 135M-parameter
+    decoder that is 0.5 GB less at the sharpness phase's peak."""
+    tensors = [s.tensor for s in slots]
+    held = [t.grad for t in tensors]  # a Parameter slot's own .grad (normally None), given back after
+    for t in tensors:
+        t.grad = None
+    loss = 0.0
+    try:
+        with torch.set_grad_enabled(grads):
+            for term in _terms(loss_fn(model)):
+                loss += term.item()
+                if grads and term.requires_grad:
+                    term.backward(inputs=tensors)
+        total = [torch.zeros_like(s.base) if t.grad is None else t.grad for s, t in zip(slots, tensors, strict=True)]
+    finally:
+        for t, grad in zip(tensors, held, strict=True):
+            t.grad = grad
+    return loss, total if grads else None
 
 
 def _hvp(grads: Vectors, slots: list[WeightSlot], v: Vectors) -> Vectors:
@@ -310,25 +323,75 @@ def sharpness(
         raise ValueError(f"sharpness needs rho >= 0 and steps >= 0 (got rho={rho}, steps={steps})")
     step = rho if step_size is None else step_size
     start = time.perf_counter()
-    with perturbable_weights(model) as slots:
+    with perturbable_weights(model) as slots, _recomputed_activations(model):
         loss, grads = _loss_and_grads(model, loss_fn, slots, grads=steps > 0)
         base_loss = _finite(loss, "at the model's weights")
         best = 0.0
-        e = _zeros(slots)
         for k in range(steps):
             g_norm = _norm(grads)
             if g_norm == 0.0 and k > 0:  # a stationary point inside the ball: ascent cannot move
                 break
-            direction = _gaussian_unit(slots, seed) if g_norm == 0.0 else _scaled(grads, 1.0 / g_norm)
-            e = _axpy(e, step, direction)
-            e_norm = _norm(e)
-            if e_norm > rho:
-                e = _scaled(e, rho / e_norm)
-            for slot, delta in zip(slots, e, strict=True):
-                slot.place(delta)
+            direction, factor = (_gaussian_unit(slots, seed), 1.0) if g_norm == 0.0 else (grads, 1.0 / g_norm)
+            del grads  # freed before the next backward: one gradient vector alive at a time
+            _ascend(slots, direction, step * factor, rho)
+            del direction
             loss, grads = _loss_and_grads(model, loss_fn, slots, grads=k < steps - 1)
             best = max(best, _finite(loss, f"at ascent step {k + 1} (rho={rho})") - base_loss)
     return {"value": best, "rho": rho, "steps": steps, "base_loss": base_loss, "seconds": time.perf_counter() - start}
+
+
+RECOMPUTE_ABOVE = 100_000_000  # parameters: from here the backward recomputes each layer's activations
+
+
+@contextmanager
+def _recomputed_activations(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing for a model of ``RECOMPUTE_ABOVE`` parameters or more (Hugging Face's, where the
+    model supports it): the backward recomputes each layer's activations instead of keeping all of them, the
+    same values for about a third more time. A 512-token window of SmolLM2-135M keeps ~1 GB of activations
+    otherwise; MiniLM's batches keep little, and stay as they are.
+
+    Hugging Face checkpoints a layer only while that layer is in training mode; the measured model is in eval
+    mode, so each checkpointing layer's own flag is set (its submodules, dropout included, stay in eval) and put
+    back on exit."""
+    # transformers 5 names it activation checkpointing; 4.x gradient checkpointing (same switch)
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    prefix = "activation" if new_names else "gradient"
+    if (
+        not hasattr(model, f"{prefix}_checkpointing_enable")
+        or not getattr(model, "supports_gradient_checkpointing", False)
+        or getattr(model, f"is_{prefix}_checkpointing", True)  # already on: the caller's choice, left alone
+        or sum(p.numel() for p in model.parameters()) < RECOMPUTE_ABOVE
+    ):
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    modes = [m.training for m in layers]
+    try:
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.training = mode
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+def _ascend(slots: list[WeightSlot], direction: Vectors, alpha: float, rho: float) -> None:
+    """Move the slots from base + e to base + P(e + alpha * direction), P the projection onto the rho-ball, in
+    place: e lives in the slot tensors themselves (tensor - base), so no vector of perturbations is kept beside
+    the weights and their base copies."""
+    with torch.no_grad():
+        for slot, d in zip(slots, direction, strict=True):
+            slot.tensor.add_(d, alpha=alpha)
+        e_norm = math.sqrt(
+            sum(torch.linalg.vector_norm(s.tensor - s.base, dtype=torch.float32).item() ** 2 for s in slots)
+        )
+        if e_norm > rho:
+            for slot in slots:  # base + (tensor - base) * rho / |e|
+                slot.tensor.sub_(slot.base).mul_(rho / e_norm).add_(slot.base)
 
 
 def hessian_top_eig(
