@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 endif
 
-.PHONY: install bench test lint clean
+.PHONY: install bench test lint clean leaderboard study
 
 $(BIN)/bench: pyproject.toml requirements-offline.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ bench: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# results/published: the committed reference study (benchmarks/study.py). leaderboard re-renders its tables,
+# README.md and index.html from the committed rows (seconds); study reruns/resumes its grids (hours on 2 cores).
+leaderboard: install
+	$(BIN)/python benchmarks/study.py render
+
+study: install
+	$(BIN)/python benchmarks/study.py run
 
 lint: install
 	$(BIN)/ruff check bench methods tasks tests benchmarks

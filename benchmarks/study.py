@@ -1,0 +1,386 @@
+"""The reference study published in results/published: one `bench run` grid per paper claim, and a README that
+says, claim by claim, what the paper reports, what we measured, and whether it reproduced here.
+
+    python benchmarks/study.py run [STUDY ...]   # run (or resume) the studies' grids: hours on 2 CPU cores
+    python benchmarks/study.py render            # re-render every table from the committed rows and write
+                                                 # README.md and index.html with the verdicts: seconds
+    python benchmarks/study.py list              # the studies, their commands and how many rows each has
+
+`make study` and `make leaderboard` call these. Every number of the README comes from the rows: a verdict is a
+rule applied to paired per-seed differences (``verdict``), never typed in, so a rerun with more seeds or larger
+budgets rewrites it. What each paper reports is quoted from ../shared/papers in ``Claim.paper``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from bench import leaderboard
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = Path("results/published")  # relative: the run dirs the tables name are the same on every checkout
+FORMATS = ("md", "csv", "json", "html")  # rendered per study; plots (png) beside them
+ALPHA = 0.05  # one-sided paired t-test level of a verdict
+
+
+@dataclass(frozen=True)
+class Test:
+    """One direction a paper reports, as a paired comparison on the same grid, task and seed.
+
+    The claim holds on a seed when ``contender`` is better than ``rival`` by more than ``-margin`` (a margin > 0
+    makes it a non-inferiority claim: "at least as accurate as", "comes close to"). Better: a higher score (a lower
+    one for a metric registered lower-is-better, e.g. perplexity), or a lower sharpness."""
+
+    contender: str  # a leaderboard label: method or method[variant]
+    rival: str
+    bits: str  # as the table labels it: "W4A8", "W4A32 g128" (decoders default to groups of 128); rival fp32: "FP32"
+    measure: str = "score"  # "score" (the task's primary metric, as the table shows it) or "sharpness"
+    margin: float = 0.0  # in the measure's units (points of a percent score)
+
+    def text(self) -> str:
+        what = "flatter than" if self.measure == "sharpness" else "better than"
+        if self.margin:
+            what = f"within {self.margin:g} of or {what}"
+        return f"{self.contender} {what} {self.rival} at {self.bits}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str  # its run dir: results/published/NAME
+    title: str
+    paper: str  # what the paper reports, in plain words
+    runs: tuple[tuple[str, ...], ...]  # `bench run` arguments, in the order they run (--out is added)
+    tests: tuple[Test, ...]
+    notes: str = ""  # what a reader should know about the budget or the setting
+
+    @property
+    def run_dir(self) -> Path:
+        return PUBLISHED / self.name
+
+
+SEEDS = ("--seeds", "0,1,2")
+LM = ("--model", "smollm2-135m", "--no-sharpness")  # sharpness on a 135M decoder costs minutes a cell on 2 cores
+
+CLAIMS = (
+    Claim(
+        "zsaq-minilm",
+        "ZSAQ vs GAN-only zero-shot QAT and RTN (MiniLM, SST-2)",
+        "ZSAQ (Zhu et al. 2023, arXiv 2310.13315) reports consistent and significant gains over zero-shot "
+        "baselines (GAN-based data-free QAT among them) at W2A8 and W4A8 on GLUE, up to +6.98 average score, with "
+        "no task data, and better generalization from flatter minima; its ablations (frozen generator, no SAM, "
+        "random tokens) each lose accuracy.",
+        (
+            ("--methods", "zsaq,gan", "--bits", "4", *SEEDS),
+            ("--methods", "zsaq,gan", "--bits", "2", *SEEDS),
+            ("--methods", "zsaq", "--bits", "4", "--set", "zsaq.train_generator=false", *SEEDS),
+            ("--methods", "zsaq", "--bits", "4", "--set", "zsaq.inputs=random", *SEEDS),
+        ),
+        (
+            Test("zsaq", "gan", "W4A8"),
+            Test("zsaq", "rtn", "W4A8"),
+            Test("zsaq", "gan", "W2A8"),
+            Test("zsaq", "rtn", "W2A8"),
+            Test("zsaq", "gan", "W4A8", "sharpness"),
+            Test("zsaq", "gan", "W2A8", "sharpness"),
+            Test("zsaq", "zsaq[train_generator=false]", "W4A8"),
+            Test("zsaq", "zsaq[inputs=random]", "W4A8"),
+        ),
+        "CPU budget: 60 student steps of 16 x 32 synthetic tokens, bert-tiny generator (the paper: OPT-350m, "
+        "thousands of steps; `--set zsaq.preset=paper` on a GPU). gan is the same loop without SAM.",
+    ),
+    Claim(
+        "squat-minilm",
+        "SQuAT vs LSQ (MiniLM, SST-2)",
+        "SQuAT (arXiv 2210.07171) reports that alternating a sharpness objective with the step-size objective "
+        "outperforms state-of-the-art quantized BERT at 2, 3 and 4 bits on GLUE by about 1%, with flatter minima. "
+        "Tested here as: flatter than LSQ QAT and at least as accurate (within 0.5 points) at the same budget.",
+        (("--methods", "squat,lsq", "--bits", "4,3,2", "--act-bits", "8", *SEEDS),),
+        (
+            *(Test("squat", "lsq", f"W{b}A8", "sharpness") for b in (4, 3, 2)),
+            *(Test("squat", "lsq", f"W{b}A8", margin=0.5) for b in (4, 3, 2)),
+        ),
+        "Both at one budget: 1,500 labeled examples, one epoch, KD from the FP32 model.",
+    ),
+    Claim(
+        "prequant-minilm",
+        "PreQuant: quantize first, fine-tune 0.5% outliers (MiniLM, SST-2)",
+        "PreQuant (arXiv 2306.00014) quantizes the pre-trained model before fine-tuning and trains only its "
+        "outlier dimensions (about 0.5% of the weights) on the task, and reports accuracy close to FP32 on GLUE. "
+        "Tested here as: within 1 point of FP32 at W4, and better than rounding the fine-tuned model at W3 and W2.",
+        (("--methods", "prequant", "--bits", "4,3,2", *SEEDS),),
+        (
+            Test("prequant", "fp32", "W4A32", margin=1.0),
+            Test("prequant", "rtn", "W3A32"),
+            Test("prequant", "rtn", "W2A32"),
+        ),
+        "One epoch over the FP32 fine-tune's 4,000 examples, weight-only (A32) as the paper.",
+    ),
+    Claim(
+        "ptq-smollm2",
+        "GPTQ and AWQ vs RTN (SmolLM2-135M, perplexity)",
+        "GPTQ and AWQ report lower perplexity than round-to-nearest for weight-only 4- and 3-bit LLMs with per-group "
+        "scales (g128).",
+        (("--methods", "gptq,awq", "--bits", "4,3", *SEEDS, *LM),),
+        tuple(Test(m, "rtn", f"W{b}A32 g128") for b in (4, 3) for m in ("gptq", "awq")),
+        "Calibration: the methods' default samples of the offline corpus's training split; the seed draws them.",
+    ),
+    Claim(
+        "smoothquant-smollm2",
+        "SmoothQuant vs plain W8A8 (SmolLM2-135M, perplexity)",
+        "SmoothQuant reports that migrating activation outliers into the weights makes W8A8 work where plain W8A8 "
+        "rounding loses accuracy.",
+        (("--methods", "smoothquant", "--bits", "8", "--act-bits", "8", *SEEDS, *LM),),
+        (Test("smoothquant", "rtn", "W8A8 g128"),),
+    ),
+    Claim(
+        "zsaq-smollm2",
+        "ZSAQ on a generative model (SmolLM2-135M, perplexity)",
+        "ZSAQ reports its gains on generative PLMs too (perplexity of GPT-style models).",
+        (("--methods", "zsaq,gan", "--bits", "4", *SEEDS, *LM),),
+        (Test("zsaq", "rtn", "W4A8 g128"), Test("zsaq", "gan", "W4A8 g128")),
+    ),
+)
+
+
+# --------------------------------------------------------------------------- measuring a claim
+
+
+@dataclass
+class Outcome:
+    test: Test
+    contender: list[float] = field(default_factory=list)  # per paired seed, as the table shows it
+    rival: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    better: list[float] = field(default_factory=list)  # per seed: how much better the contender is (+ = claim's way)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.better, self.test.margin)
+
+
+def verdict(better: list[float], margin: float = 0.0) -> str:
+    """reproduced: the claim's direction holds on every seed or by a one-sided paired t-test at ``ALPHA``, n >= 2;
+    not reproduced: the opposite holds the same way; inconclusive: neither (or one seed); not run: no pair."""
+    if not better:
+        return "not run"
+    x = np.asarray(better) + margin
+    if len(x) < 2:
+        return "inconclusive (one seed)"
+
+    def holds(values: np.ndarray) -> bool:
+        if (values > 0).all():
+            return True
+        if np.std(values) == 0:
+            return False
+        return stats.ttest_1samp(values, 0.0, alternative="greater").pvalue < ALPHA
+
+    if holds(x):
+        return "reproduced"
+    if (x <= 0).all() or holds(-x):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def measure(claim: Claim, rows: list[dict]) -> list[Outcome]:
+    scoring = leaderboard.scoring(rows) if rows else {}
+    # (label, bits, task, measure) -> seed -> value
+    values: dict[tuple[str, str, str, str], dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        label = leaderboard.method_label(row)
+        bits = row["bits"]  # the reference's is "FP32"
+        score = row.get("score")
+        sharp = (row.get("sharpness") or {}).get("value")
+        scale = scoring[row["task"]].scale
+        if score is not None:
+            values[(label, bits, row["task"], "score")][row["seed"]] = score * scale
+        if sharp is not None:
+            values[(label, bits, row["task"], "sharpness")][row["seed"]] = sharp
+    outcomes = []
+    for test in claim.tests:
+        out = Outcome(test)
+        for task in sorted({r["task"] for r in rows}):
+            higher = scoring[task].higher_is_better if test.measure == "score" else False
+            rival_bits = "FP32" if test.rival == "fp32" else test.bits
+            mine = values.get((test.contender, test.bits, task, test.measure), {})
+            theirs = values.get((test.rival, rival_bits, task, test.measure), {})
+            for seed in sorted(set(mine) & set(theirs)):
+                out.seeds.append(seed)
+                out.contender.append(mine[seed])
+                out.rival.append(theirs[seed])
+                out.better.append((mine[seed] - theirs[seed]) * (1 if higher else -1))
+        outcomes.append(out)
+    return outcomes
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def bench_command(claim: Claim, args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "bench", "run", *args, "--out", str(claim.run_dir)]
+
+
+def shown(argv: list[str]) -> str:
+    return " ".join(["bench", *argv[3:]])
+
+
+def select(names: list[str]) -> list[Claim]:
+    known = {c.name: c for c in CLAIMS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown study {unknown[0]!r}; choose from {', '.join(known)}")
+    return [known[n] for n in names] if names else list(CLAIMS)
+
+
+def run(names: list[str]) -> int:
+    for claim in select(names):
+        for args in claim.runs:
+            argv = bench_command(claim, args)
+            print(f"$ {shown(argv)}", flush=True)
+            code = subprocess.call(argv, cwd=ROOT)
+            if code:
+                print(f"{claim.name}: `{shown(argv)}` exited {code}; its finished cells are kept", file=sys.stderr)
+                return code
+    return render()
+
+
+def rows_of(claim: Claim) -> list[dict]:
+    if not (ROOT / claim.run_dir / "results.jsonl").is_file():
+        return []
+    ok, _ = leaderboard.collect([str(ROOT / claim.run_dir)])
+    return ok
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def fmt(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def cell_seconds(rows: list[dict]) -> float:
+    """Compute the study took: each cell's seconds plus each fine-tune/preparation once."""
+    prepares = {(r["task"], r["seed"], r["model"]): (r.get("timing") or {}).get("prepare_s") or 0.0 for r in rows}
+    return sum(r.get("wall_time_s") or 0.0 for r in rows) + sum(prepares.values())
+
+
+def readme(claims: list[Claim]) -> str:
+    lines = [
+        "# quantbench reference leaderboard",
+        "",
+        "What the papers behind quantbench's methods claim, and what this harness measures on the embedded models "
+        "(MiniLM-L6 on the offline SST-2 twin, SmolLM2-135M on the offline corpus), 2 CPU threads, no GPU. Every "
+        "figure below is computed from the committed rows (`results.jsonl` in each study's directory); "
+        "`make leaderboard` re-renders this page and the tables, `make study` reruns (resumes) the grids.",
+        "",
+        f"Verdicts: **reproduced** = the paper's direction holds on every seed or by a one-sided paired t-test at "
+        f"{ALPHA} over seeds (n >= 2); **not reproduced** = the opposite holds the same way; **inconclusive** = "
+        "neither, or one seed; **not run** = no rows yet. Differences are paired: same grid, task and seed. "
+        "A claim is about these models and these CPU budgets, not about the papers' own setting.",
+        "",
+        "| study | claim tested | n | contender | rival | better by | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    sections = []
+    for claim in claims:
+        rows = rows_of(claim)
+        for out in measure(claim, rows):
+            digits = 4 if out.test.measure == "sharpness" else 2
+            lines.append(
+                f"| [{claim.name}](#{claim.name}) | {out.test.text()} | {out.n} | {fmt(out.contender, digits)} | "
+                f"{fmt(out.rival, digits)} | {fmt(out.better, digits)} | {out.verdict} |"
+            )
+        sections += [f"## {claim.name}", "", f"**{claim.title}.** {claim.paper}", ""]
+        if claim.notes:
+            sections += [claim.notes, ""]
+        sections += ["Commands (each resumes; `make study` runs them all):", "", "```"]
+        sections += [shown(bench_command(claim, args)) for args in claim.runs]
+        sections += ["```", ""]
+        if rows:
+            seeds = sorted({r["seed"] for r in rows})
+            sections += [
+                f"{len(rows)} rows, seeds {', '.join(map(str, seeds))}; compute {cell_seconds(rows) / 60:.0f} min "
+                f"(cells and fine-tunes, 2 threads). Table: [leaderboard.md]({claim.name}/leaderboard.md), "
+                f"[html]({claim.name}/leaderboard.html), [csv]({claim.name}/leaderboard.csv), "
+                f"[json]({claim.name}/leaderboard.json).",
+                "",
+                (ROOT / claim.run_dir / "leaderboard.md").read_text().strip(),
+                "",
+            ]
+        else:
+            sections += ["Not run yet.", ""]
+    return "\n".join([*lines, "", *sections])
+
+
+def render() -> int:
+    """Each study's tables from its rows, then README.md and index.html (the page to link to)."""
+    claims = list(CLAIMS)
+    for claim in claims:
+        if not rows_of(claim):
+            continue
+        board = leaderboard.load([str(claim.run_dir)])
+        for fmt_name in FORMATS:
+            board.write(fmt_name, ROOT / claim.run_dir / f"leaderboard.{fmt_name}")
+        board.write("png", ROOT / claim.run_dir / "leaderboard.png")
+    text = readme(claims)
+    (ROOT / PUBLISHED / "README.md").write_text(text + "\n")
+    (ROOT / PUBLISHED / "index.html").write_text(page(text))
+    print(f"wrote {PUBLISHED}/README.md, {PUBLISHED}/index.html and each study's leaderboard.*", file=sys.stderr)
+    return 0
+
+
+def page(markdown: str) -> str:
+    """README.md as a self-contained HTML page; each study's own table page is linked from it."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown.replace("leaderboard.md)", "leaderboard.html)"))
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+        "pre{background:#f6f6f6;padding:.5em;overflow-x:auto}"
+    )
+    title = html.escape("quantbench reference leaderboard")
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>'
+        f"<body>\n{body}</body></html>\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run (resume) the studies' grids, then render")
+    run_p.add_argument("studies", nargs="*", metavar="STUDY", help="default: all, in the order listed")
+    sub.add_parser("render", help="re-render tables, README.md and index.html from the committed rows")
+    sub.add_parser("list", help="the studies, their commands and rows")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.studies)
+    if args.command == "render":
+        return render()
+    for claim in CLAIMS:
+        print(f"{claim.name}: {len(rows_of(claim))} rows")
+        for a in claim.runs:
+            print(f"  {shown(bench_command(claim, a))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
