@@ -347,8 +347,8 @@ RECOMPUTE_ABOVE = 100_000_000  # parameters: from here the backward recomputes e
 def _recomputed_activations(model: nn.Module) -> Iterator[None]:
     """Gradient checkpointing for a model of ``RECOMPUTE_ABOVE`` parameters or more (Hugging Face's, where the
     model supports it): the backward recomputes each layer's activations instead of keeping all of them, the
-    same values for about a third more time. A 512-token window of SmolLM2-135M keeps ~1 GB of activations
-    otherwise; MiniLM's batches keep little, and stay as they are.
+    same values for more time (SmolLM2-135M, 512-token windows: peak RSS 3.4 -> 2.8 GB, ~40% more seconds).
+    MiniLM's batches keep little, and stay as they are.
 
     Hugging Face checkpoints a layer only while that layer is in training mode; the measured model is in eval
     mode, so each checkpointing layer's own flag is set (its submodules, dropout included, stay in eval) and put
