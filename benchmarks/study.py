@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("render", help="re-render tables, README.md and index.html from the committed rows")
     sub.add_parser("list", help="the studies, their commands and rows")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the tables name their run dirs relative to the checkout (results/published/NAME) wherever run
     if args.command == "run":
         return run(args.studies)
     if args.command == "render":
