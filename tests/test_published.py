@@ -1,0 +1,84 @@
+"""results/published: the committed reference study re-renders from its committed rows, and its verdicts follow
+the stated rule (benchmarks/study.py)."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(spec)
+sys.modules["study"] = study
+spec.loader.exec_module(study)
+
+STUDIES = [c for c in study.CLAIMS if (ROOT / c.run_dir / "results.jsonl").is_file()]
+RENDERED = re.compile(r"rendered: \S+")  # the one field of the render's own time
+
+
+def _unstamped(text: str) -> str:
+    return RENDERED.sub("rendered: -", text)
+
+
+def test_the_study_is_published():
+    assert STUDIES, "results/published has no study rows"
+    assert (ROOT / study.PUBLISHED / "README.md").is_file() and (ROOT / study.PUBLISHED / "index.html").is_file()
+
+
+@pytest.mark.parametrize("claim", STUDIES, ids=lambda c: c.name)
+@pytest.mark.parametrize("fmt", ["md", "csv", "json"])
+def test_bench_leaderboard_re_renders_the_committed_table(claim, fmt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the tables name their run dir as make leaderboard passes it: relative
+    out = tmp_path / f"leaderboard.{fmt}"
+    assert main(["leaderboard", str(claim.run_dir), "--format", fmt, "--output", str(out)]) == 0
+    committed = (ROOT / claim.run_dir / f"leaderboard.{fmt}").read_text()
+    if fmt == "json":
+        mine, theirs = json.loads(out.read_text()), json.loads(committed)
+        mine["provenance"].pop("rendered"), theirs["provenance"].pop("rendered")
+        assert mine == theirs
+    else:
+        assert _unstamped(out.read_text()) == _unstamped(committed)
+
+
+def test_readme_verdicts_come_from_the_committed_rows(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    committed = (ROOT / study.PUBLISHED / "README.md").read_text()
+    assert RENDERED.sub("", study.readme(list(study.CLAIMS)) + "\n") == RENDERED.sub("", committed)
+    for claim in study.CLAIMS:
+        assert f"## {claim.name}" in committed
+
+
+@pytest.mark.parametrize(
+    ("better", "margin", "expected"),
+    [
+        ([], 0.0, "not run"),
+        ([1.0], 0.0, "inconclusive (one seed)"),
+        ([0.5, 0.2, 0.9], 0.0, "reproduced"),  # every seed
+        ([-0.5, -0.2, -0.9], 0.0, "not reproduced"),
+        ([0.0, 0.0, 0.0], 0.0, "not reproduced"),  # no gain at all is not "beats"
+        ([0.0, 0.0, 0.0], 0.5, "reproduced"),  # ... but is "within 0.5 of"
+        ([-0.3, -0.1, -0.2], 0.5, "reproduced"),
+        ([2.0, -1.9, 0.1], 0.0, "inconclusive"),
+        ([3.0, 2.8, 3.1, -0.1], 0.0, "reproduced"),  # one seed against, the paired t-test for (p < 0.05)
+    ],
+)
+def test_verdict_rule(better, margin, expected):
+    assert study.verdict(better, margin) == expected
+
+
+def test_paired_differences_respect_the_metrics_direction():
+    """Perplexity is lower-is-better: a lower contender is better; sharpness always lower-is-better."""
+    from tests.tiny import result_row
+
+    rows = []
+    for seed, (mine, base) in enumerate([(20.0, 22.0), (21.0, 22.5)]):
+        rows.append(result_row(method="gptq", bits="W4A32", seed=seed, task="wikitext2", score=mine))
+        rows.append(result_row(method="rtn", bits="W4A32", seed=seed, task="wikitext2", score=base))
+    claim = study.Claim("x", "x", "x", (), (study.Test("gptq", "rtn", "W4A32"),))
+    (out,) = study.measure(claim, rows)
+    assert out.seeds == [0, 1] and out.better == pytest.approx([2.0, 1.5]) and out.verdict == "reproduced"
