@@ -24,6 +24,7 @@ USED_INDIRECTLY = {
     "safetensors": "transformers' save_pretrained/from_pretrained of the fine-tune cache",
     "accelerate": "transformers needs it to load GGUF checkpoints (extra 'gguf')",
     "gguf": "transformers reads SmolLM2's GGUF file with it (extra 'gguf')",
+    "markdown-it-py": "benchmarks/study.py renders results/published/index.html with it (make leaderboard)",
 }
 OWN = {"bench", "methods", "tasks"}
 
