@@ -18,7 +18,8 @@ sys.modules["study"] = study
 spec.loader.exec_module(study)
 
 STUDIES = [c for c in study.CLAIMS if (ROOT / c.run_dir / "results.jsonl").is_file()]
-RENDERED = re.compile(r"rendered: \S+")  # the one field of the render's own time
+# the one field of the render's own time; the md table wraps its provenance at 120 columns, inside the stamp too
+RENDERED = re.compile(r"rendered:\s*[0-9T:+\-\s]*[0-9]")
 
 
 def _unstamped(text: str) -> str:
