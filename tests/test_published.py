@@ -33,7 +33,7 @@ def test_the_study_is_published():
 
 @pytest.mark.parametrize("claim", STUDIES, ids=lambda c: c.name)
 @pytest.mark.parametrize("fmt", ["md", "csv", "json"])
-def test_bench_leaderboard_re_renders_the_committed_table(claim, fmt, tmp_path, monkeypatch, capsys):
+def test_bench_leaderboard_re_renders_the_committed_table(claim, fmt, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the tables name their run dir as make leaderboard passes it: relative
     out = tmp_path / f"leaderboard.{fmt}"
     assert main(["leaderboard", str(claim.run_dir), "--format", fmt, "--output", str(out)]) == 0
