@@ -28,7 +28,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -259,11 +259,11 @@ def peer_rows(model, peers, times, fp32_bytes, base, *, keep_fp=(), output=None,
         gc.collect()
 
 
-def _limit(fp32_matmul: int, model: nn.Module) -> str:
+def _limit(fp32_matmul: int, model: nn.Module, head: str = "FP32") -> str:
     nbytes = matmul_bytes(model)
     return (
         f"decode byte-ratio limit x{fp32_matmul / nbytes:4.2f}"
-        f" ({fp32_matmul / 2**20:.0f} -> {nbytes / 2**20:.0f} MiB of Linear weights per token, lm_head FP32)"
+        f" ({fp32_matmul / 2**20:.0f} -> {nbytes / 2**20:.0f} MiB of Linear weights per token, lm_head {head})"
     )
 
 
@@ -412,7 +412,8 @@ def smollm(args, peers=()):
         return out
 
     _header(
-        f"SmolLM2-135M forward (embedded decoder, lm_head FP32, use_cache off), {args.threads} threads", list(inputs)
+        f"SmolLM2-135M forward (embedded decoder, use_cache off, lm_head FP32 but '+ table'), {args.threads} threads",
+        list(inputs),
     )
     model.config.use_cache = False
     base = times(model)
@@ -420,9 +421,11 @@ def smollm(args, peers=()):
     fp32_matmul = matmul_bytes(model)
     print(f"    {fp32_matmul / 2**20:.0f} MiB of Linear weights (lm_head included) read per token")
     check = inputs["128 tok"]
-    for name, spec in VARIANTS.items():
-        if spec.w_bits == 3 or spec.a_bits:
-            continue  # W3: simulated (FP32 speed, see the Linear stack); WxA8: shown on MiniLM and the stack
+    # W3: simulated (FP32 speed, see the Linear stack); WxA8: shown on MiniLM and the stack. "+ table": the
+    # tied embedding table quantized too (--quantize-embeddings), so the LM head runs on its codes
+    weight_only = {name: spec for name, spec in VARIANTS.items() if spec.w_bits != 3 and not spec.a_bits}
+    weight_only |= {f"{name} + table": replace(spec, embeddings=True) for name, spec in weight_only.items()}
+    for name, spec in weight_only.items():
         q = _quantized(model, spec, keep_fp)
         nbytes = size_bytes(q)
         with torch.inference_mode():
@@ -435,7 +438,7 @@ def smollm(args, peers=()):
         groups = sorted({m.group for m in fast.modules() if hasattr(m, "group")})
         extra = f"; int4 kernel group sizes {groups}" if groups else ""
         print(f"    layers per kernel: {detail}{extra}; logits rel. error vs fake-quant {err:.1e}")
-        print(f"    {_limit(fp32_matmul, fast)}")
+        print(f"    {_limit(fp32_matmul, fast, 'on the table' if spec.embeddings else 'FP32')}")
         del q, fast
         gc.collect()
     peer_rows(  # the weight-only peers, as ours above

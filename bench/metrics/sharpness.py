@@ -8,8 +8,9 @@ leaderboard check that claim per cell. All three look at the same point and the 
   ``QuantLinear`` (for a smoothed one, the matrix it applies to its unscaled input: see below). Biases,
   norms and embedding tables are left out: they stay in float in every method compared here, and their
   scales differ wildly from the matrices'. A weight shared by several Linears is counted once; a Linear
-  tied to an embedding table (an LM head) perturbs the table through the tie. Other projection types
-  (GPT-2's ``Conv1D``) are not Linears and are not seen.
+  tied to an embedding table (an LM head) perturbs the table through the tie, but a head tied to a quantized
+  table (``QuantTiedHead``, ``--quantize-embeddings``) reads the table's grid and is left out with it. Other
+  projection types (GPT-2's ``Conv1D``) are not Linears and are not seen.
 - **Which point.** For a ``QuantLinear`` the point is the quantized weight Q(w) with the quantizer held
   fixed: the forward uses Q(w) + e, never Q(w + e). Re-quantizing a perturbation smaller than half a grid
   step gives back Q(w), so the loss would be piecewise constant and every metric zero or undefined.

@@ -8,7 +8,9 @@ dtype (embeddings, norms, biases, the full-precision task/LM head). The weight q
 An ``OutlierQuantLinear`` (PreQuant) stores its full-precision outlier slices and their indices on top of
 the packed codes: counted in their own dtype (float32, int64) under ``other``.
 Non-persistent buffers (rotary tables, position ids) are rebuilt at load time and not counted, like
-``state_dict``. A tensor shared by several modules (tied embeddings) is counted once.
+``state_dict``. A tensor shared by several modules (tied embeddings) is counted once. A quantized embedding
+table (``--quantize-embeddings``) is packed like a Linear, one row per token; an LM head tied to it reads the
+same packed table and adds nothing but its bias.
 
 ``fp32_size_bytes`` is the same model stored unquantized in float32 (quantizer state dropped, and a
 layer's ``quant_only`` tensors such as smoothing vectors and outlier slices): the denominator of the compression
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from bench.quant.export import is_packable, packed_nbytes
-from bench.quant.layers import QuantLinear
+from bench.quant.layers import QUANT_LAYERS, QuantLinear, QuantTiedHead
 
 
 def _stored_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
@@ -37,11 +39,14 @@ def _stored_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Te
 
 
 def _quantizer_state(model: nn.Module, *, weights: bool = True, acts: bool = True) -> set[int]:
-    """ids of the weight / activation quantizer modules (and their children) of every ``QuantLinear``."""
+    """ids of the weight / activation quantizer modules (and their children) of every quantized layer."""
     ids = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            subs = ([module.weight_quantizer] if weights else []) + ([module.act_quantizer] if acts else [])
+        if isinstance(module, (*QUANT_LAYERS, QuantTiedHead)):
+            own_weight = isinstance(module, QUANT_LAYERS)  # a tied head's grid is its table's, counted there
+            act = getattr(module, "act_quantizer", None)
+            subs = [module.weight_quantizer] if weights and own_weight else []
+            subs += [act] if acts and act is not None else []
             for sub in subs:
                 ids.update(id(m) for m in sub.modules())
     return ids

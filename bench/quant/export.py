@@ -1,4 +1,5 @@
-"""Real low-bit storage of a quantized Linear: integer codes packed into a bitstream, plus the grid.
+"""Real low-bit storage of a quantized Linear (or embedding table): integer codes packed into a bitstream, plus
+the grid.
 
 A ``QuantLinear`` trains and evaluates on a fake-quantized float weight; this module turns its grid into
 what a deployment stores, so a model's size is counted from real bytes rather than ``bits * numel / 8``
@@ -30,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from bench.quant.layers import QuantLinear
+from bench.quant.layers import QUANT_LAYERS, QuantLinear
 from bench.quant.uniform import QParams, dequantize_int, group_view, quantize_int, ungroup
 
 
@@ -164,9 +165,10 @@ def _smallest_int_dtype(lo: int, hi: int) -> torch.dtype:
 
 
 def is_packable(layer: nn.Module) -> bool:
-    """A ``QuantLinear`` whose weight quantizer describes a uniform grid (bits, granularity, qparams)."""
+    """A ``QuantLinear`` or ``QuantEmbedding`` whose weight quantizer describes a uniform grid (bits, granularity,
+    qparams). A table is packed like a Linear's (out, in) weight: one row per token, the same grid rules."""
     wq = getattr(layer, "weight_quantizer", None)
-    return isinstance(layer, QuantLinear) and all(
+    return isinstance(layer, QUANT_LAYERS) and all(
         hasattr(wq, a) for a in ("qparams", "bits", "symmetric", "granularity", "group_size")
     )
 

@@ -62,7 +62,7 @@ from torch import nn
 
 from bench.quant.act_static import StaticActQuantizer
 from bench.quant.export import QuantizedWeight, is_packable, quantize_linear
-from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear
+from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear, QuantTiedHead
 from bench.quant.uniform import QParams, compute_qparams
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu (torch 2.13)
@@ -339,8 +339,11 @@ class OutlierCorrected(nn.Module):
 
 
 def kernel_for(layer: nn.Module) -> nn.Module:
-    """The real-kernel replacement of one ``QuantLinear`` (a ``SimulatedLinear`` when torch has none)."""
-    if not is_packable(layer):
+    """The real-kernel replacement of one ``QuantLinear`` or ``QuantTiedHead`` (a ``SimulatedLinear`` when torch
+    has none); anything else, embedding tables included (a row lookup, no matmul), is returned as it is."""
+    if isinstance(layer, QuantTiedHead):
+        return _real_kernel(layer)
+    if not isinstance(layer, QuantLinear) or not is_packable(layer):
         return layer
     if isinstance(layer, OutlierQuantLinear) and isinstance(layer.act_quantizer, nn.Identity):
         inner = _real_kernel(layer)
@@ -348,8 +351,8 @@ def kernel_for(layer: nn.Module) -> nn.Module:
     return _real_kernel(layer)
 
 
-def _real_kernel(layer: QuantLinear) -> nn.Module:
-    qw = quantize_linear(layer)
+def _real_kernel(layer: QuantLinear | QuantTiedHead) -> nn.Module:
+    qw = quantize_linear(layer.table if isinstance(layer, QuantTiedHead) else layer)
     if not isinstance(layer.act_quantizer, nn.Identity):
         return Int8GemmLinear(layer, qw) if int8_gemm_serves(layer, qw) else SimulatedLinear(layer)
     k = qw.shape[1]
@@ -366,7 +369,8 @@ def build_latency_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.
     """``model`` with every ``QuantLinear`` on a real kernel where torch has one, and the layer count per kernel.
 
     Returns ``(latency_model, kernels)``; ``kernels`` counts layers by the kernel that runs them:
-    "int8pack", "int4pack", "int8-gemm", "simulated", and "fp32" for plain ``nn.Linear`` layers (kept heads).
+    "int8pack", "int4pack", "int8-gemm", "simulated", and "fp32" for plain ``nn.Linear`` layers (kept heads). An LM
+    head tied to a quantized table runs a kernel on the table's codes; the table's lookups stay as scored.
     The latency model is for timing (and layer outputs within ``KERNEL_RTOL``), not for training: it holds no
     float weights of quantized layers. ``inplace=False`` leaves ``model`` untouched (a deep copy).
     """
@@ -375,9 +379,9 @@ def build_latency_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.
     for name, module in list(target.named_modules()):
         if type(module) is nn.Linear:
             kernels["fp32"] += 1
-        if not is_packable(module):
-            continue
         replacement = kernel_for(module)
+        if replacement is module:
+            continue
         kernels[replacement.kernel] += 1
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target

@@ -222,7 +222,44 @@ class QuantEmbedding(nn.Module):
         return nn.functional.embedding(ids, self.quantized_weight(), self.padding_idx)
 
 
-QUANT_LAYERS = (QuantLinear, QuantEmbedding)  # OutlierQuantLinear is a QuantLinear
+class QuantTiedHead(nn.Module):
+    """An output projection tied to a quantized embedding table (a decoder's LM head under ``spec.embeddings``):
+    y = Q_a(x) @ Q(E)^T + b, with Q(E) the table's own quantized values.
+
+    A tied table is stored once, so quantizing it quantizes both of its uses: the scored model, the stored size
+    and the latency model then compute one function (a float head beside a low-bit table would be a model no
+    deployment stores). The activations are quantized as every Linear's of the cell. It is deliberately not a
+    ``QuantLinear``: calibration methods (GPTQ, AWQ, SmoothQuant) fit a Linear's own weight, and fitting the
+    table to the head would change the input embeddings behind their back; the table keeps the embedding's grid.
+    The table is referenced, not registered as a child, so the model's state dict and module tree hold it once.
+    """
+
+    def __init__(self, head: nn.Linear, table: QuantEmbedding, act_quantizer: nn.Module | None = None):
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.bias = head.bias
+        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
+        self.__dict__["table"] = table
+        self.input_scale = None
+
+    @property
+    def weight_quantizer(self) -> nn.Module:
+        return self.table.weight_quantizer
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.table.effective_weight()
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.table.quantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to a quantized embedding"
+
+
+QUANT_LAYERS = (QuantLinear, QuantEmbedding)  # OutlierQuantLinear is a QuantLinear; a QuantTiedHead has no own grid
 
 
 def _matches(name: str, patterns) -> bool:
@@ -238,8 +275,9 @@ def quantize_model(
 ) -> nn.Module:
     """Swap every ``nn.Linear`` (in place) for a ``QuantLinear`` unless its name matches ``keep_fp``.
 
-    Embedding tables are swapped for ``QuantEmbedding`` only when ``spec.embeddings``; LayerNorm and
-    biases always stay in float (standard in the papers compared here).
+    Embedding tables are swapped for ``QuantEmbedding`` only when ``spec.embeddings``, and a Linear whose weight
+    is such a table (a tied LM head, even one ``keep_fp`` names) then reads the quantized table
+    (``QuantTiedHead``); LayerNorm and biases always stay in float (standard in the papers compared here).
 
     ``weight_quantizer(spec, weight)`` builds each layer's weight quantizer, so QAT methods can pass a
     learnable one (``LSQQuantizer``) initialized from the layer's weight. Returns ``model``; ``summarize``
@@ -255,11 +293,20 @@ def quantize_model(
             replacement = QuantEmbedding(module, weight_quantizer(spec, module.weight))
         else:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacement)
+        _replace(model, name, replacement)
+    tables = {id(m.weight): m for m in model.modules() if isinstance(m, QuantEmbedding)}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and id(module.weight) in tables:
+            act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
+            _replace(model, name, QuantTiedHead(module, tables[id(module.weight)], act))
     log.debug("quantized model: %s", summarize(model))
     return model
+
+
+def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, replacement)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -276,6 +323,7 @@ def summarize(model: nn.Module) -> dict:
     return {
         "quantized_linears": sum(isinstance(m, QuantLinear) for _, m in modules),
         "quantized_embeddings": [n for n, m in modules if isinstance(m, QuantEmbedding)],
+        "tied_heads": [n for n, m in modules if isinstance(m, QuantTiedHead)],
         "kept_fp": [n for n, m in modules if type(m) is nn.Linear],
         "float_always": "LayerNorm/RMSNorm, biases"
         + ("" if any(isinstance(m, QuantEmbedding) for _, m in modules) else ", embeddings"),
