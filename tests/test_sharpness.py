@@ -202,6 +202,23 @@ def test_context_makes_quantized_weight_perturbable_and_restores_exactly():
     assert "quantized_weight" not in model.layer.__dict__
 
 
+def test_frozen_layer_holds_no_copy_of_its_quantized_weight_while_measured():
+    """Memory: the evaluation before leaves each frozen layer's Q(w) cached; while measured, a layer holds its float
+    weight, the leaf and its gradient, and Q(w) is recomputed when needed (SmolLM2: 0.4 GB less per copy)."""
+    model = _quantized_holder(torch.randn(2, 4, generator=torch.Generator().manual_seed(9)))
+    with torch.no_grad():
+        scored = model.layer.quantized_weight().clone()
+    assert "_qcache" in model.layer.__dict__
+    with perturbable_weights(model) as slots:
+        assert "_qcache" not in model.layer.__dict__ and not isinstance(slots[0].held, torch.Tensor)
+        slots[0].place(torch.full((2, 4), 0.01))
+        assert torch.equal(slots[0].base, scored) and "_qcache" not in model.layer.__dict__
+    out = sharpness(model, quadratic(_psd()), rho=0.01, steps=2)
+    with torch.no_grad():
+        assert torch.equal(model.layer.quantized_weight(), scored)
+    assert out["base_loss"] == pytest.approx((0.5 * scored.flatten() @ _psd() @ scored.flatten()).item(), rel=1e-6)
+
+
 # ---- a tiny random quantized BERT
 
 
