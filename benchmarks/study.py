@@ -95,7 +95,7 @@ CLAIMS = (
             Test("zsaq", "rtn", "W2A8"),
             Test("zsaq", "gan", "W4A8", "sharpness"),
             Test("zsaq", "gan", "W2A8", "sharpness"),
-            Test("zsaq", "zsaq[train_generator=false]", "W4A8"),
+            Test("zsaq", "zsaq[train_generator=False]", "W4A8"),
             Test("zsaq", "zsaq[inputs=random]", "W4A8"),
         ),
         "CPU budget: 60 student steps of 16 x 32 synthetic tokens, bert-tiny generator (the paper: OPT-350m, "
@@ -266,11 +266,15 @@ def run(names: list[str]) -> int:
     return render()
 
 
-def rows_of(claim: Claim) -> list[dict]:
+def collected(claim: Claim) -> tuple[list[dict], list[dict]]:
+    """The study's (finished, failed) rows, newest per cell, as ``bench leaderboard`` reads them."""
     if not (ROOT / claim.run_dir / "results.jsonl").is_file():
-        return []
-    ok, _ = leaderboard.collect([str(ROOT / claim.run_dir)])
-    return ok
+        return [], []
+    return leaderboard.collect([str(ROOT / claim.run_dir)])
+
+
+def rows_of(claim: Claim) -> list[dict]:
+    return collected(claim)[0]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -291,7 +295,9 @@ def cell_seconds(rows: list[dict]) -> float:
     return sum(r.get("wall_time_s") or 0.0 for r in rows) + sum(prepares.values())
 
 
-def readme(claims: list[Claim]) -> str:
+def readme(claims: list[Claim], rows: dict[str, list[dict]] | None = None) -> str:
+    """The page: the verdict table, then one section per study; ``rows`` by study name (default: read them)."""
+    rows = rows if rows is not None else {claim.name: rows_of(claim) for claim in claims}
     lines = [
         "# quantbench reference leaderboard",
         "",
@@ -310,8 +316,7 @@ def readme(claims: list[Claim]) -> str:
     ]
     sections = []
     for claim in claims:
-        rows = rows_of(claim)
-        for out in measure(claim, rows):
+        for out in measure(claim, rows[claim.name]):
             digits = 4 if out.test.measure == "sharpness" else 2
             lines.append(
                 f"| [{claim.name}](#{claim.name}) | {out.test.text()} | {out.n} | {fmt(out.contender, digits)} | "
@@ -323,10 +328,11 @@ def readme(claims: list[Claim]) -> str:
         sections += ["Commands (each resumes; `make study` runs them all):", "", "```"]
         sections += [shown(bench_command(claim, args)) for args in claim.runs]
         sections += ["```", ""]
-        if rows:
-            seeds = sorted({r["seed"] for r in rows})
+        if rows[claim.name]:
+            mine = rows[claim.name]
+            seeds = sorted({r["seed"] for r in mine})
             sections += [
-                f"{len(rows)} rows, seeds {', '.join(map(str, seeds))}; compute {cell_seconds(rows) / 60:.0f} min "
+                f"{len(mine)} rows, seeds {', '.join(map(str, seeds))}; compute {cell_seconds(mine) / 60:.0f} min "
                 f"(cells and fine-tunes, 2 threads). Table: [leaderboard.md]({claim.name}/leaderboard.md), "
                 f"[html]({claim.name}/leaderboard.html), [csv]({claim.name}/leaderboard.csv), "
                 f"[json]({claim.name}/leaderboard.json).",
@@ -342,14 +348,16 @@ def readme(claims: list[Claim]) -> str:
 def render() -> int:
     """Each study's tables from its rows, then README.md and index.html (the page to link to)."""
     claims = list(CLAIMS)
+    read = {claim.name: collected(claim) for claim in claims}  # each results.jsonl read once
+    rows = {name: ok for name, (ok, _) in read.items()}
     for claim in claims:
-        if not rows_of(claim):
+        if not rows[claim.name]:
             continue
-        board = leaderboard.load([str(claim.run_dir)])
+        board = leaderboard.build(*read[claim.name], [str(claim.run_dir)])
         for fmt_name in FORMATS:
             board.write(fmt_name, ROOT / claim.run_dir / f"leaderboard.{fmt_name}")
         board.write("png", ROOT / claim.run_dir / "leaderboard.png")
-    text = readme(claims)
+    text = readme(claims, rows)
     (ROOT / PUBLISHED / "README.md").write_text(text + "\n")
     (ROOT / PUBLISHED / "index.html").write_text(page(text))
     print(f"wrote {PUBLISHED}/README.md, {PUBLISHED}/index.html and each study's leaderboard.*", file=sys.stderr)

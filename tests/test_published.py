@@ -1,6 +1,7 @@
 """results/published: the committed reference study re-renders from its committed rows, and its verdicts follow
 the stated rule (benchmarks/study.py)."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -83,3 +84,29 @@ def test_paired_differences_respect_the_metrics_direction():
     claim = study.Claim("x", "x", "x", (), (study.Test("gptq", "rtn", "W4A32"),))
     (out,) = study.measure(claim, rows)
     assert out.seeds == [0, 1] and out.better == pytest.approx([2.0, 1.5]) and out.verdict == "reproduced"
+
+
+def _labels_run_by(claim) -> set[str]:
+    """The leaderboard labels a claim's runs produce: each method as `bench run` names its variant (the settings
+    that differ from its defaults, as bench.grid writes them), plus the reference and the baseline."""
+    from bench import plugins
+    from bench.grid import _variant, configured
+
+    registry, labels = plugins.default(), {"fp32", "rtn"}
+    for args in claim.runs:
+        sets = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+        for method in args[args.index("--methods") + 1].split(","):
+            overrides = dict(s.split("=", 1) for s in sets)
+            mine = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{method}.")}
+            settings = registry.methods.get(method).Config
+            variant = _variant(settings(), dataclasses.asdict(configured(method, settings, mine)))
+            labels.add(method + (f"[{variant}]" if variant else ""))
+    return labels
+
+
+@pytest.mark.parametrize("claim", study.CLAIMS, ids=lambda c: c.name)
+def test_every_claim_compares_labels_its_runs_produce(claim):
+    """A typo in a label ('train_generator=false' for the table's 'False') would read "not run" forever."""
+    labels = _labels_run_by(claim)
+    for test in claim.tests:
+        assert {test.contender, test.rival} <= labels, f"{test.text()}: the runs make {sorted(labels)}"
