@@ -498,7 +498,7 @@ class GlueTask(Task):
         recipe = recipe or self.Recipe()
         idx = np.random.default_rng(seed).permutation(len(split["label"]))[:n]
         if by_length:  # the same examples, batched shortest first (see ``_by_length``)
-            idx = idx[self._by_length({k: [split[k][i] for i in idx] for k in self.spec.text_keys}, len(idx))]
+            idx = idx[self._by_length(split, idx)]
         return list(
             self._batches(
                 tokenizer, split, idx, recipe, batch_size=recipe.eval_batch_size, device=device, labeled=labeled
@@ -522,7 +522,7 @@ class GlueTask(Task):
         split = data.splits[data.eval_split]
         n = len(split["label"]) if not limit else min(limit, len(split["label"]))
         model.eval()
-        order = self._by_length(split, n)
+        order = self._by_length(split, np.arange(n))
         preds: list = [None] * n
         batches = self._batches(
             tokenizer, split, order, recipe, batch_size=recipe.eval_batch_size, device=device, labeled=False
@@ -537,11 +537,11 @@ class GlueTask(Task):
             done += len(out)
         return preds, list(split["label"][:n])
 
-    def _by_length(self, split: dict, n: int) -> np.ndarray:
-        """The first ``n`` examples, shortest text first: a batch is padded to its longest example, so batches of
-        similar lengths skip most of the padding (SST-2's dev batches in file order: about half padding). Each
-        example's prediction is its own (padding is masked), so the order changes nothing but the time."""
-        chars = [sum(len(split[k][i]) for k in self.spec.text_keys) for i in range(n)]
+    def _by_length(self, split: dict, idx: np.ndarray) -> np.ndarray:
+        """Positions into ``idx`` that put its examples shortest text first: a batch is padded to its longest
+        example, so batches of similar lengths skip most of the padding (SST-2's dev batches in file order: about
+        half padding). Each example's prediction is its own (padding is masked): the order changes only the time."""
+        chars = [sum(len(split[k][i]) for k in self.spec.text_keys) for i in idx]
         return np.argsort(chars, kind="stable")
 
 
