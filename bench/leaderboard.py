@@ -28,6 +28,8 @@ from bench.results import ResultStore, latest_run_dir
 
 AVERAGE = "avg"
 SIZE, LATENCY, SPEEDUP, SHARPNESS = "size MB", "p50 ms", "speedup", "sharpness"
+# a latency timed while other processes kept more than this many cores busy is marked: not a speed figure
+CONTENDED_CORES, CONTENDED_MARK = 0.5, "†"
 COMPRESSION = "compression"  # FP32 bytes / stored bytes of the same model
 METHOD_TIME = "method s"  # seconds inside Method.quantize (bench.metrics.cost), apart from eval/sharpness/latency
 DELTA = "Δ"  # "Δfp32" / "Δrtn": a cell's score minus the reference's / the baseline's, same task and seed
@@ -94,6 +96,8 @@ class Leaderboard:
     scoring: dict[str, Scoring] = field(default_factory=dict)  # per task: direction and scale of its score
     roles: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, data) -> "reference" / "baseline"
     kernels: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (method, data, bits) -> latency kernel
+    # (method, data, bits) whose latency was timed, on some seed, while other processes kept cores busy
+    contended: set[tuple[str, str, str]] = field(default_factory=set)
     # the layout text reporters (md, html, latex) render: "long" or "wide"; None: each format's own default
     # (md: long, the table a person reads in a terminal; html, latex: wide)
     layout: str | None = None
@@ -172,6 +176,8 @@ class Leaderboard:
             text += f" (n={int(n)})"  # fewer seeds than the rest of the table (a failed or missing cell)
         if long and column == LATENCY and len(self.grid_kernels().get(bits, ())) > 1:
             text += f" {kernel or '?'}"
+        if column in (LATENCY, DECODE) and (*index, bits) in self.contended:
+            text += CONTENDED_MARK
         folded = [c for c, into in FOLDED.items() if into == column] if long else []
         return " ".join([text, *filter(None, (self.text(index, bits, c) for c in folded))])
 
@@ -399,6 +405,7 @@ def build(
             DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
             METHOD_TIME: (r.get("cost") or {}).get("method_s"),
             "kernel": (r.get("latency") or {}).get("kernel"),
+            "contended": _contended(r.get("latency") or {}),
             "finished": r.get("finished") or "",
         }
         for r in rows
@@ -450,6 +457,7 @@ def build(
         scoring=scored_as,
         roles={i: role for i, role in roles.items() if role},
         kernels=kernels.to_dict(),
+        contended={tuple(i) for i in frame[frame.contended][["method", "data", "bits"]].itertuples(index=False)},
     )
     board.table = pd.DataFrame(
         [[board.text(i, bits, column) for bits, column in columns] for i in index],
@@ -463,6 +471,12 @@ def build(
         )
     board.provenance = _provenance(rows, run_dirs)
     return board
+
+
+def _contended(latency: dict) -> bool:
+    """Whether a row's latency (or its decode step) was timed while other processes kept cores busy."""
+    loads = [latency.get("others_cores"), (latency.get("decode") or {}).get("others_cores")]
+    return any(x is not None and x > CONTENDED_CORES for x in loads)
 
 
 def _cost_note(rows: list[dict]) -> str | None:
@@ -571,6 +585,11 @@ def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) 
             "; speedup vs FP32 only where a real low-bit kernel ran. Cells that ran simulated (fake-quant on float "
             "matmuls: FP32 arithmetic, not the method's) show – and are left out of the plots"
         )
+        if any(_contended(t) for t in timed):
+            notes.append(
+                f"{CONTENDED_MARK} = timed (on some seed) while other processes kept more than {CONTENDED_CORES:g} CPU "
+                "cores busy (`latency.others_cores` in the row): not a speed figure"
+            )
         if any(t.get("decode") for t in timed):
             notes.append(f"decoders: {LATENCY} is the prefill; {DECODE} = one generated token on the prompt's KV cache")
     deltas = sorted({(_role(r), r["method"]) for r in rows if _role(r) in ("reference", "baseline")})

@@ -156,6 +156,21 @@ def test_latency_only_where_a_real_kernel_ran():
     assert "show –" in " ".join(board.notes)
 
 
+def test_a_latency_timed_beside_other_busy_processes_is_marked_in_both_layouts():
+    rows = _card_rows()
+    loaded = next(r for r in rows if r["method"] == "zsaq" and r["bits"] == "W4A8" and r["seed"] == 1)
+    loaded["latency"]["others_cores"] = 1.4  # another process kept 1.4 cores busy while this seed was timed
+    quiet = next(r for r in rows if r["method"] == "rtn" and r["bits"] == "W4A8" and r["seed"] == 1)
+    quiet["latency"]["others_cores"] = 0.3  # background noise: not marked
+    board = build(rows, [], ["runs/a"])
+    assert board.text(("zsaq", "none"), "W4A8", "p50 ms", layout="long") == "13.70† x1.59"  # mean of 13.2, 14.2
+    assert board.table.loc[("zsaq", "none"), ("W4A8", "p50 ms")].endswith("(int8-gemm)†")
+    assert "†" not in board.text(("rtn", "none"), "W4A8", "p50 ms", layout="long")
+    assert "†" not in board.text(("zsaq", "none"), "W2A8", "p50 ms", layout="long")
+    assert any(n.startswith("† = timed") for n in board.notes)
+    assert not any("†" in n for n in build(_card_rows(), [], ["runs/a"]).notes)  # rows without the field: no mark
+
+
 MB = 2**20
 
 

@@ -10,13 +10,18 @@ percentiles interpolate linearly between order statistics (numpy's default), so 
 close to the maximum. A time budget rather than a call count, as the field's timers do: a 300 ms prefill
 and a 3 ms Linear get comparable confidence from one setting. The thread count is recorded because CPU
 latency is meaningless without it; on a shared machine the figures are noisy, and p50 is the figure to
-compare.
+compare. So each measurement also records ``others_cores``: how many CPU cores other processes kept busy
+while it timed (the machine's busy time from ``/proc/stat`` minus this process's own, per second), and the
+leaderboard flags a figure taken with more than half a core of them: on 2 cores, one other busy
+process can make a 50 ms forward read over a second. (Linux only, None elsewhere; a container whose
+``/proc/stat`` shows the host's CPUs counts the host's other work too.)
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +33,36 @@ from torch.utils import benchmark
 from torch.utils.benchmark.utils.common import set_torch_threads
 
 from bench.quant.kernels import build_latency_model, kernel_label
+
+_PROC_STAT = "/proc/stat"
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs: not idle, not waiting on I/O)."""
+    try:
+        with open(_PROC_STAT) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@contextmanager
+def busy_elsewhere() -> Iterator[dict[str, float | None]]:
+    """Measure, over the ``with`` block, the cores other processes kept busy: ``{"others_cores": x}`` (None where
+    ``/proc/stat`` is unreadable). Tick granularity (10 ms) makes it approximate over short blocks."""
+    out: dict[str, float | None] = {"others_cores": None}
+    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
+    yield out
+    end_busy, wall = _busy_seconds(), time.perf_counter() - start
+    if busy is not None and end_busy is not None and wall > 0:
+        out["others_cores"] = round(max(0.0, (end_busy - busy) - (_own_seconds() - own)) / wall, 2)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -60,10 +95,11 @@ def measure(
 ) -> dict[str, float | int | str]:
     """Time ``fn()``: ``warmup`` untimed calls, then ``Timer.blocked_autorange(min_run_time)``; milliseconds.
 
-    Returns ``{p50, p90, p99, mean, iqr, n, block, warmup, threads, min_run_s, timer}``: ``n`` timed calls in
-    blocks of ``block`` (per-call figures are block means when ``block`` > 1, i.e. for calls under a
-    millisecond). ``threads`` (default: torch's current count) is pinned by the timer for the measurement
-    and restored afterwards. ``clock`` (seconds) is injectable so tests can drive it with known durations.
+    Returns ``{others_cores, p50, p90, p99, mean, iqr, n, block, warmup, threads, min_run_s, timer}``: ``n``
+    timed calls in blocks of ``block`` (per-call figures are block means when ``block`` > 1, i.e. for calls under
+    a millisecond); ``others_cores``: see the module's docstring. ``threads`` (default: torch's current count) is
+    pinned by the timer for the measurement and restored afterwards. ``clock`` (seconds) is injectable so tests
+    can drive it with known durations.
     """
     if warmup < 1:
         raise ValueError("warmup must be >= 1: the first call pays one-time costs and is never timed")
@@ -74,8 +110,10 @@ def measure(
     with set_torch_threads(pinned):  # warm-up on the count it warms up for (kernels pack per thread count)
         for _ in range(warmup):
             fn()
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    with busy_elsewhere() as load:
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return {
+        **load,
         **summarize_ms(measurement.times),
         "iqr": measurement.iqr * 1000,
         "n": len(measurement.times) * measurement.number_per_run,
