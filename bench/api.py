@@ -31,7 +31,8 @@ class QuantSpec:
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
-    embeddings: bool = False  # also quantize nn.Embedding tables (weights only, same grid rules)
+    # also quantize nn.Embedding tables (row by row, same grid rules), and an LM head tied to one reads it quantized
+    embeddings: bool = False
     # the 2^b - 1 level symmetric grid (ternary at 2 bits) some BERT papers mean by "2-bit"; the default grid
     # has all 2^b levels for every method (bench.quant.uniform), so this is an explicit choice, never silent
     narrow: bool = False
