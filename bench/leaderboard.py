@@ -34,6 +34,7 @@ COMPRESSION = "compression"  # FP32 bytes / stored bytes of the same model
 METHOD_TIME = "method s"  # seconds inside Method.quantize (bench.metrics.cost), apart from eval/sharpness/latency
 DELTA = "Δ"  # "Δfp32" / "Δrtn": a cell's score minus the reference's / the baseline's, same task and seed
 DECODE = "decode ms"  # decoders: one generated token on a 128-token KV cache (p50); p50 ms is then the prefill
+TIMED = (LATENCY, DECODE, METHOD_TIME)  # the measures in seconds, which other processes on the machine inflate
 # kernel labels of bench.quant.kernels that are no low-bit kernel: float layers only, or fake-quant on float matmuls
 REAL_KERNELS_EXCLUDE = ("fp32", "simulated")
 # columns where a smaller number is better (besides task scores whose metric is registered lower-is-better)
@@ -96,8 +97,9 @@ class Leaderboard:
     scoring: dict[str, Scoring] = field(default_factory=dict)  # per task: direction and scale of its score
     roles: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, data) -> "reference" / "baseline"
     kernels: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (method, data, bits) -> latency kernel
-    # (method, data, bits) whose latency was timed, on some seed, while other processes kept cores busy
-    contended: set[tuple[str, str, str]] = field(default_factory=set)
+    # (method, data, bits, column) of the time measures (latency, method time) taken, on some seed, while other
+    # processes kept cores busy
+    contended: set[tuple[str, str, str, str]] = field(default_factory=set)
     # the layout text reporters (md, html, latex) render: "long" or "wide"; None: each format's own default
     # (md: long, the table a person reads in a terminal; html, latex: wide)
     layout: str | None = None
@@ -176,7 +178,7 @@ class Leaderboard:
             text += f" (n={int(n)})"  # fewer seeds than the rest of the table (a failed or missing cell)
         if long and column == LATENCY and len(self.grid_kernels().get(bits, ())) > 1:
             text += f" {kernel or '?'}"
-        if column in (LATENCY, DECODE) and (*index, bits) in self.contended:
+        if (*index, bits, column) in self.contended:
             text += CONTENDED_MARK
         folded = [c for c, into in FOLDED.items() if into == column] if long else []
         return " ".join([text, *filter(None, (self.text(index, bits, c) for c in folded))])
@@ -405,7 +407,7 @@ def build(
             DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
             METHOD_TIME: (r.get("cost") or {}).get("method_s"),
             "kernel": (r.get("latency") or {}).get("kernel"),
-            "contended": _contended(r.get("latency") or {}),
+            **_contended(r),
             "finished": r.get("finished") or "",
         }
         for r in rows
@@ -457,7 +459,11 @@ def build(
         scoring=scored_as,
         roles={i: role for i, role in roles.items() if role},
         kernels=kernels.to_dict(),
-        contended={tuple(i) for i in frame[frame.contended][["method", "data", "bits"]].itertuples(index=False)},
+        contended={
+            (*i, column)
+            for column in TIMED
+            for i in frame[frame[f"contended {column}"]][["method", "data", "bits"]].itertuples(index=False)
+        },
     )
     board.table = pd.DataFrame(
         [[board.text(i, bits, column) for bits, column in columns] for i in index],
@@ -473,10 +479,16 @@ def build(
     return board
 
 
-def _contended(latency: dict) -> bool:
-    """Whether a row's latency (or its decode step) was timed while other processes kept cores busy."""
-    loads = [latency.get("others_cores"), (latency.get("decode") or {}).get("others_cores")]
-    return any(x is not None and x > CONTENDED_CORES for x in loads)
+def _contended(row: dict) -> dict[str, bool]:
+    """Per time measure of the table (``TIMED``): whether the row took it while other processes kept more than
+    ``CONTENDED_CORES`` busy (``others_cores``, recorded by ``bench.metrics.memory.busy_elsewhere``)."""
+    latency = row.get("latency") or {}
+    loads = {
+        LATENCY: latency.get("others_cores"),
+        DECODE: (latency.get("decode") or {}).get("others_cores"),
+        METHOD_TIME: ((row.get("timing") or {}).get("others_cores") or {}).get("method"),
+    }
+    return {f"contended {column}": x is not None and x > CONTENDED_CORES for column, x in loads.items()}
 
 
 def _cost_note(rows: list[dict]) -> str | None:
@@ -585,11 +597,6 @@ def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) 
             "; speedup vs FP32 only where a real low-bit kernel ran. Cells that ran simulated (fake-quant on float "
             "matmuls: FP32 arithmetic, not the method's) show – and are left out of the plots"
         )
-        if any(_contended(t) for t in timed):
-            notes.append(
-                f"{CONTENDED_MARK} = timed (on some seed) while other processes kept more than {CONTENDED_CORES:g} CPU "
-                "cores busy (`latency.others_cores` in the row): not a speed figure"
-            )
         if any(t.get("decode") for t in timed):
             notes.append(f"decoders: {LATENCY} is the prefill; {DECODE} = one generated token on the prompt's KV cache")
     deltas = sorted({(_role(r), r["method"]) for r in rows if _role(r) in ("reference", "baseline")})
@@ -607,6 +614,11 @@ def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) 
     cost_note = _cost_note(rows)
     if cost_note:
         notes.append(cost_note)
+    if any(any(_contended(r).values()) for r in rows):
+        notes.append(
+            f"{CONTENDED_MARK} = measured (on some seed) while other processes kept more than {CONTENDED_CORES:g} CPU "
+            "cores busy (`others_cores` in the row's latency and timing): not a speed figure"
+        )
     seeds = sorted({r["seed"] for r in rows})
     notes.append(
         f"seeds: {', '.join(map(str, seeds))}"

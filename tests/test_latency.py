@@ -138,33 +138,6 @@ def test_decode_step_reuses_the_prompt_cache_and_restores_it():
     assert "decode" not in model_latency(model, inputs, warmup=1, min_run_time=0.01)
 
 
-def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monkeypatch, tmp_path):
-    from bench.metrics import latency
-
-    ticks = iter([(100.0, 10.0, 0.0), (103.0, 11.0, 2.0)])  # machine busy s, own CPU s, wall s: start, end
-    state = {}
-
-    def advance():
-        state["busy"], state["own"], state["wall"] = next(ticks)
-
-    advance()
-    busy_seconds = latency._busy_seconds
-    monkeypatch.setattr(latency, "_busy_seconds", lambda: state["busy"])
-    monkeypatch.setattr(latency, "_own_seconds", lambda: state["own"])
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: state["wall"])
-    with latency.busy_elsewhere() as load:
-        advance()
-    assert load == {"others_cores": 1.0}  # (3 - 1) CPU s over 2 s: one other core busy throughout
-
-    stat = tmp_path / "stat"  # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
-    stat.write_text("cpu  400 100 200 5000 300 10 20 30 999 999\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
-    monkeypatch.setattr(latency, "_PROC_STAT", str(stat))
-    hz = latency.os.sysconf("SC_CLK_TCK")
-    assert busy_seconds() == pytest.approx((400 + 100 + 200 + 10 + 20 + 30) / hz)  # idle, iowait, guests out
-    monkeypatch.setattr(latency, "_PROC_STAT", str(tmp_path / "absent"))
-    assert busy_seconds() is None
-
-
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="needs Linux /proc/stat")
 def test_a_busy_neighbour_is_seen_during_a_measurement():
     import subprocess

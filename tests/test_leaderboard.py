@@ -167,8 +167,19 @@ def test_a_latency_timed_beside_other_busy_processes_is_marked_in_both_layouts()
     assert board.table.loc[("zsaq", "none"), ("W4A8", "p50 ms")].endswith("(int8-gemm)†")
     assert "†" not in board.text(("rtn", "none"), "W4A8", "p50 ms", layout="long")
     assert "†" not in board.text(("zsaq", "none"), "W2A8", "p50 ms", layout="long")
-    assert any(n.startswith("† = timed") for n in board.notes)
+    assert any(n.startswith("† = measured") for n in board.notes)
     assert not any("†" in n for n in build(_card_rows(), [], ["runs/a"]).notes)  # rows without the field: no mark
+
+
+def test_a_method_time_taken_beside_other_busy_processes_is_marked():
+    rows = _card_rows()
+    for r in rows:
+        if r["method"] == "prequant" and r["bits"] == "W2A8":
+            r["timing"] = {"method_s": 1050.8, "others_cores": {"method": 0.9, "eval": 0.0}}
+    board = build(rows, [], ["runs/a"])
+    assert board.text(("prequant", "labeled"), "W2A8", "method s", layout="long").endswith("†")
+    assert "†" not in board.text(("prequant", "labeled"), "W4A8", "method s", layout="long")
+    assert "†" not in board.text(("prequant", "labeled"), "W2A8", "p50 ms", layout="long")  # its latency was quiet
 
 
 MB = 2**20

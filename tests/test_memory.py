@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from bench.metrics import memory
 from bench.metrics.memory import Phases, peak_rss_mb, reset_peak_rss
 
 
@@ -21,7 +22,14 @@ def test_each_phase_has_its_own_peak():
     assert phases.peak_mb["heavy"] - phases.peak_mb["light"] > 250, phases.peak_mb
     assert set(phases.seconds) == {"heavy_s", "light_s"} and all(v >= 0 for v in phases.seconds.values())
     assert phases.peak == phases.peak_mb["heavy"]
-    assert phases.as_timing() == {**phases.seconds, "peak_rss_mb": phases.peak_mb, "rss_scope": "phase"}
+    timing = phases.as_timing()
+    assert timing == {
+        **phases.seconds,
+        "peak_rss_mb": phases.peak_mb,
+        "others_cores": phases.others,
+        "rss_scope": "phase",
+    }
+    assert set(timing["others_cores"]) == {"heavy", "light"}
 
 
 def test_peak_is_at_least_the_current_rss():
@@ -54,3 +62,28 @@ def test_phase_table_shows_each_phase_and_the_peak():
     assert lines[0].split() == header.split()
     assert lines[2].split() == ["zsaq", "W2A8", "sst2", "0", "12.0", "40.2", "9.5", "–", "11.0", "61.0", "2048.5"]
     assert lines[3].split()[4:6] == ["–", "0.8"]  # an old row: the method's seconds from its cost
+
+
+def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monkeypatch, tmp_path):
+    ticks = iter([(100.0, 10.0, 0.0), (103.0, 11.0, 2.0)])  # machine busy s, own CPU s, wall s: start, end
+    state = {}
+
+    def advance():
+        state["busy"], state["own"], state["wall"] = next(ticks)
+
+    advance()
+    busy_seconds = memory._busy_seconds
+    monkeypatch.setattr(memory, "_busy_seconds", lambda: state["busy"])
+    monkeypatch.setattr(memory, "_own_seconds", lambda: state["own"])
+    monkeypatch.setattr(memory.time, "perf_counter", lambda: state["wall"])
+    with memory.busy_elsewhere() as load:
+        advance()
+    assert load == {"others_cores": 1.0}  # (3 - 1) CPU s over 2 s: one other core busy throughout
+
+    stat = tmp_path / "stat"  # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
+    stat.write_text("cpu  400 100 200 5000 300 10 20 30 999 999\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    monkeypatch.setattr(memory, "_PROC_STAT", str(stat))
+    hz = memory.os.sysconf("SC_CLK_TCK")
+    assert busy_seconds() == pytest.approx((400 + 100 + 200 + 10 + 20 + 30) / hz)  # idle, iowait, guests out
+    monkeypatch.setattr(memory, "_PROC_STAT", str(tmp_path / "absent"))
+    assert busy_seconds() is None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,37 +31,8 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.benchmark.utils.common import set_torch_threads
 
+from bench.metrics.memory import busy_elsewhere
 from bench.quant.kernels import build_latency_model, kernel_label
-
-_PROC_STAT = "/proc/stat"
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot (all CPUs: not idle, not waiting on I/O)."""
-    try:
-        with open(_PROC_STAT) as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-@contextmanager
-def busy_elsewhere() -> Iterator[dict[str, float | None]]:
-    """Measure, over the ``with`` block, the cores other processes kept busy: ``{"others_cores": x}`` (None where
-    ``/proc/stat`` is unreadable). Tick granularity (10 ms) makes it approximate over short blocks."""
-    out: dict[str, float | None] = {"others_cores": None}
-    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
-    yield out
-    end_busy, wall = _busy_seconds(), time.perf_counter() - start
-    if busy is not None and end_busy is not None and wall > 0:
-        out["others_cores"] = round(max(0.0, (end_busy - busy) - (_own_seconds() - own)) / wall, 2)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,14 +1,17 @@
-"""Wall time and peak resident memory (RSS) of each phase of a cell: what it costs to run, not what it scores.
+"""Wall time, peak resident memory (RSS) and the machine's other load during each phase of a cell: what it costs
+to run, not what it scores, and whether those seconds were its own.
 
 A benchmark that is to scale to bigger models has to say where its memory goes. Linux keeps a high-water mark
 of the process's RSS (``VmHWM`` in ``/proc/self/status``) and resets it on request (writing ``5`` to
 ``/proc/self/clear_refs``, Linux >= 4.0), so each phase's peak is its own, not the largest of everything the
 process did before. Where that reset is unavailable (another OS, a locked-down container) the figure is the
-process's peak so far (``getrusage``), and ``scope`` says so.
+process's peak so far (``getrusage``), and ``scope`` says so. Seconds depend on what else the machine ran, so
+each phase also records the cores other processes kept busy meanwhile (``busy_elsewhere``).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -17,6 +20,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+_PROC_STAT = "/proc/stat"
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs: not idle, not waiting on I/O)."""
+    try:
+        with open(_PROC_STAT) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@contextmanager
+def busy_elsewhere() -> Iterator[dict[str, float | None]]:
+    """Measure, over the ``with`` block, the cores other processes kept busy: ``{"others_cores": x}`` (None where
+    ``/proc/stat`` is unreadable). Tick granularity (10 ms) makes it approximate over short blocks."""
+    out: dict[str, float | None] = {"others_cores": None}
+    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
+    yield out
+    end_busy, wall = _busy_seconds(), time.perf_counter() - start
+    if busy is not None and end_busy is not None and wall > 0:
+        out["others_cores"] = round(max(0.0, (end_busy - busy) - (_own_seconds() - own)) / wall, 2)
 
 
 def reset_peak_rss() -> bool:
@@ -43,19 +76,22 @@ def peak_rss_mb() -> float:
 class Phases:
     """Seconds and peak RSS of named phases (``with phases("eval"): ...``), for a result row.
 
-    ``seconds`` holds ``{phase}_s`` (the row's ``timing``), ``peak_rss_mb`` the peak per phase, and ``scope`` is
-    "phase" when each peak was measured alone, "process" when peaks include what ran before.
+    ``seconds`` holds ``{phase}_s`` (the row's ``timing``), ``peak_rss_mb`` the peak per phase, ``others_cores``
+    the cores other processes kept busy per phase, and ``scope`` is "phase" when each peak was measured alone,
+    "process" when peaks include what ran before.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
+        self.others: dict[str, float | None] = {}
         self.scope = "phase"
 
     def copy(self) -> Phases:
         """The phases so far, to continue with more (a cell continues its group's "prepare")."""
         other = Phases()
-        other.seconds, other.peak_mb, other.scope = dict(self.seconds), dict(self.peak_mb), self.scope
+        other.seconds, other.peak_mb, other.others = dict(self.seconds), dict(self.peak_mb), dict(self.others)
+        other.scope = self.scope
         return other
 
     @contextmanager
@@ -63,15 +99,23 @@ class Phases:
         if not reset_peak_rss():
             self.scope = "process"
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
-            self.peak_mb[name] = peak_rss_mb()
+        with busy_elsewhere() as load:
+            try:
+                yield
+            finally:
+                self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
+                self.peak_mb[name] = peak_rss_mb()
+        self.others[name] = load["others_cores"]
 
     def as_timing(self) -> dict:
-        """The row's ``timing``: ``{phase}_s`` for each phase, ``peak_rss_mb`` per phase and ``rss_scope``."""
-        return {**self.seconds, "peak_rss_mb": dict(self.peak_mb), "rss_scope": self.scope}
+        """The row's ``timing``: ``{phase}_s`` for each phase, ``peak_rss_mb`` and ``others_cores`` per phase, and
+        ``rss_scope``."""
+        return {
+            **self.seconds,
+            "peak_rss_mb": dict(self.peak_mb),
+            "others_cores": dict(self.others),
+            "rss_scope": self.scope,
+        }
 
     @property
     def peak(self) -> float | None:
