@@ -145,10 +145,30 @@ CLAIMS = (
         "smoothquant-smollm2",
         "SmoothQuant vs plain W8A8 (SmolLM2-135M, perplexity)",
         "SmoothQuant reports that migrating activation outliers into the weights makes W8A8 work where plain W8A8 "
-        "rounding loses accuracy.",
-        (("--methods", "smoothquant", "--bits", "8", "--act-bits", "8", *SEEDS, *LM),),
-        (Test("smoothquant", "rtn", "W8A8 g128"),),
-        LM_NOTE,
+        "rounding loses accuracy; its W8A8 setting quantizes activations per tensor with static (calibrated) ranges.",
+        (
+            (
+                "--methods",
+                "smoothquant",
+                "--bits",
+                "8",
+                "--act-bits",
+                "8",
+                "--set",
+                "smoothquant.act_mode=static",
+                "--sweep",
+                "smoothquant.layers=norm,none",
+                *SEEDS,
+                *LM,
+            ),
+            ("--methods", "smoothquant", "--bits", "8", "--act-bits", "8", *SEEDS, *LM),
+        ),  # fmt: skip
+        (
+            Test("smoothquant[act_mode=static]", "smoothquant[act_mode=static,layers=none]", "W8A8 g128"),
+            Test("smoothquant", "rtn", "W8A8 g128"),
+        ),
+        "Static: the paper's per-tensor static A8 with and without smoothing (`layers=none`: the same calibrated "
+        f"grid, nothing smoothed). Dynamic: per-token A8, smoothed vs plain RTN. {LM_NOTE}",
     ),
     Claim(
         "zsaq-smollm2",

@@ -53,8 +53,9 @@ class SmoothQuantConfig:
     n_samples: int = 128  # calibration texts for max |x_j|
     # activation quantization when the cell has a_bits: per-token dynamic, or per-tensor static (calibrated)
     act_mode: Literal["dynamic", "static"] = "dynamic"
-    # which Linears are smoothed: those reading a LayerNorm/RMSNorm output (the paper), or every Linear
-    layers: Literal["norm", "all"] = "norm"
+    # which Linears are smoothed: those reading a LayerNorm/RMSNorm output (the paper), every Linear, or none (the
+    # paper's baseline: plain W8A8 with the same calibrated activation grid, so the smoothing's own effect shows)
+    layers: Literal["norm", "all", "none"] = "norm"
 
     def __post_init__(self):
         check_range(self, 0, 1, "alpha")
@@ -100,8 +101,9 @@ class SmoothQuant(Method):
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
         batches = context.calibration_batches(self.config.n_samples, self.name)
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
-        with float_layers(m for m in model.modules() if isinstance(m, QuantLinear)):
-            smooth_model(model, batches, self.config.alpha, self.config.layers)
+        if self.config.layers != "none":
+            with float_layers(m for m in model.modules() if isinstance(m, QuantLinear)):
+                smooth_model(model, batches, self.config.alpha, self.config.layers)
         freeze(model)  # RTN on W * s
         if spec.a_bits and self.config.act_mode == "static":
             calibrate_static_activations(model, batches, spec.a_bits, symmetric=True)

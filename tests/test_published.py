@@ -3,6 +3,7 @@ the stated rule (benchmarks/study.py)."""
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -94,13 +95,17 @@ def _labels_run_by(claim) -> set[str]:
 
     registry, labels = plugins.default(), {"fp32", "rtn"}
     for args in claim.runs:
-        sets = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+        pairs = list(zip(args, args[1:], strict=False))
+        sets = dict(value.split("=", 1) for flag, value in pairs if flag == "--set")
+        sweeps = dict(value.split("=", 1) for flag, value in pairs if flag == "--sweep")
         for method in args[args.index("--methods") + 1].split(","):
-            overrides = dict(s.split("=", 1) for s in sets)
-            mine = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{method}.")}
+            mine = {k.split(".", 1)[1]: v for k, v in sets.items() if k.startswith(f"{method}.")}
+            swept = {k.split(".", 1)[1]: v.split(",") for k, v in sweeps.items() if k.startswith(f"{method}.")}
+            points = [dict(zip(swept, values, strict=True)) for values in itertools.product(*swept.values())]
             settings = registry.methods.get(method).Config
-            variant = _variant(settings(), dataclasses.asdict(configured(method, settings, mine)))
-            labels.add(method + (f"[{variant}]" if variant else ""))
+            for point in points:
+                variant = _variant(settings(), dataclasses.asdict(configured(method, settings, mine, point)))
+                labels.add(method + (f"[{variant}]" if variant else ""))
     return labels
 
 
