@@ -35,7 +35,7 @@ from torch import nn
 
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
-from bench.quant import OutlierQuantLinear, QuantLinear, WeightQuantizer, freeze, quantize_model
+from bench.quant import OutlierQuantLinear, QuantLinear, WeightQuantizer, freeze, quantize_model, replace_module
 from bench.training import train_loop
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def install_outliers(model: nn.Module, *, select: str, score: str, fraction: flo
                 weight, quantized, dim=dim, count=outlier_count(weight.shape[dim], fraction), score=score
             )
         layer = OutlierQuantLinear(module, index, dim)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
         layers.append(layer)
     return layers
 

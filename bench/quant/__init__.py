@@ -10,6 +10,7 @@ from bench.quant.layers import (
     WeightQuantizer,
     freeze,
     quantize_model,
+    replace_module,
     summarize,
 )
 from bench.quant.lsq import LSQQuantizer
@@ -47,5 +48,6 @@ __all__ = [
     "ungroup",
     "freeze",
     "quantize_model",
+    "replace_module",
     "summarize",
 ]

@@ -62,7 +62,7 @@ from torch import nn
 
 from bench.quant.act_static import StaticActQuantizer
 from bench.quant.export import QuantizedWeight, is_packable, quantize_linear
-from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear, QuantTiedHead
+from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear, QuantTiedHead, replace_module
 from bench.quant.uniform import QParams, compute_qparams
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu (torch 2.13)
@@ -383,9 +383,7 @@ def build_latency_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.
         if replacement is module:
             continue
         kernels[replacement.kernel] += 1
-        parent_name, _, child = name.rpartition(".")
-        parent = target.get_submodule(parent_name) if parent_name else target
-        setattr(parent, child, replacement)
+        replace_module(target, name, replacement)
     return target.eval(), dict(kernels)
 
 

@@ -293,17 +293,18 @@ def quantize_model(
             replacement = QuantEmbedding(module, weight_quantizer(spec, module.weight))
         else:
             continue
-        _replace(model, name, replacement)
+        replace_module(model, name, replacement)
     tables = {id(m.weight): m for m in model.modules() if isinstance(m, QuantEmbedding)}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and id(module.weight) in tables:
             act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
-            _replace(model, name, QuantTiedHead(module, tables[id(module.weight)], act))
+            replace_module(model, name, QuantTiedHead(module, tables[id(module.weight)], act))
     log.debug("quantized model: %s", summarize(model))
     return model
 
 
-def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` where ``model``'s submodule ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, replacement)
