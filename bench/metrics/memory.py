@@ -127,18 +127,21 @@ PHASES = ("prepare", "method", "eval", "latency", "sharpness")
 
 
 def phase_table(rows: list[dict]) -> str:
-    """Seconds per phase and peak RSS of each finished row, as ``bench show`` prints them (rows written before
-    phases were recorded show what they have: eval/latency/sharpness seconds, the method's from its cost)."""
+    """Seconds per phase, peak RSS and the most cores other processes kept busy in a phase, for each finished row,
+    as ``bench show`` prints them (older rows show what they have: the method's seconds from its cost)."""
     from tabulate import tabulate
 
     table = []
     for row in rows:
         timing, cost = row.get("timing") or {}, row.get("cost") or {}
         seconds = {**({"method_s": cost["method_s"]} if "method_s" in cost else {}), **timing}
+        others = [x for x in (timing.get("others_cores") or {}).values() if x is not None]
         table.append(
             [row.get("method"), row.get("bits"), row.get("task"), row.get("seed")]
             + [seconds.get(f"{phase}_s") for phase in PHASES]
-            + [row.get("wall_time_s"), row.get("peak_rss_mb")]
+            + [row.get("wall_time_s"), row.get("peak_rss_mb"), max(others) if others else None]
         )
-    headers = ["method", "bits", "task", "seed", *(f"{phase} s" for phase in PHASES), "cell s", "peak MiB"]
+    phases = (f"{phase} s" for phase in PHASES)
+    # busy elsewhere: the most CPU cores other processes kept busy during any phase (seconds above it are inflated)
+    headers = ["method", "bits", "task", "seed", *phases, "cell s", "peak MiB", "busy elsewhere"]
     return tabulate(table, headers=headers, floatfmt=".1f", missingval="–")
