@@ -175,7 +175,9 @@ def test_build_latency_model_counts_kernels_and_keeps_the_original(spec, kernels
     assert counts == kernels and kernel_label(counts) == label
     assert isinstance(model.body[0], QuantLinear)  # the evaluated model is untouched
     assert type(fast.classifier) is nn.Linear
+    assert fast.classifier.weight is model.classifier.weight  # shared read only, not a second copy of the model
     assert _rel(fast(x), ref) < KERNEL_RTOL
+    assert torch.equal(model(x), ref)
 
 
 def test_model_labels():

@@ -372,9 +372,11 @@ def build_latency_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.
     "int8pack", "int4pack", "int8-gemm", "simulated", and "fp32" for plain ``nn.Linear`` layers (kept heads). An LM
     head tied to a quantized table runs a kernel on the table's codes; the table's lookups stay as scored.
     The latency model is for timing (and layer outputs within ``KERNEL_RTOL``), not for training: it holds no
-    float weights of quantized layers. ``inplace=False`` leaves ``model`` untouched (a deep copy).
+    float weights of quantized layers. ``inplace=False`` leaves ``model`` untouched: a copy of its modules that
+    shares its tensors, read only (parameters, buffers, cached quantized weights), so building it costs the
+    kernels' packed weights, not a second model (SmolLM2-135M: ~1 GB of float weights and caches).
     """
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy.deepcopy(model, memo=_shared_tensors(model))
     kernels: Counter[str] = Counter()
     for name, module in list(target.named_modules()):
         if type(module) is nn.Linear:
@@ -385,6 +387,14 @@ def build_latency_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.
         kernels[replacement.kernel] += 1
         replace_module(target, name, replacement)
     return target.eval(), dict(kernels)
+
+
+def _shared_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo under which ``model``'s tensors are shared, not copied: its parameters, buffers and
+    the quantized weights its layers cached (``_qcache``)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m.__dict__["_qcache"][1] for m in model.modules() if "_qcache" in m.__dict__]
+    return {id(t): t for t in tensors}
 
 
 def kernel_label(kernels: dict[str, int]) -> str:
