@@ -159,11 +159,25 @@ class PerplexityTask(Task):
         nlls, counts = [], []
         for begin, end, scored in tqdm(windows, desc=f"eval {self.name}", leave=False):
             x = ids[begin:end].unsqueeze(0).to(device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            token_nll = F.cross_entropy(logits, x[0, 1:], reduction="none")
-            nlls.append(token_nll[-scored:].sum().item())
+            logits = model(input_ids=x).logits[0, :-1]
+            nlls.append(scored_nll(logits, x[0, 1:], scored))
             counts.append(scored)
         return nlls, counts
+
+
+NLL_CHUNK = 256  # positions per log-softmax: a 2048 x 49152 window's would be one more 0.4 GB logits-sized tensor
+
+
+def scored_nll(logits: torch.Tensor, targets: torch.Tensor, scored: int) -> float:
+    """Sum of the token NLLs of the last ``scored`` positions (``logits``: positions x vocab, predicting
+    ``targets``), in float32, ``NLL_CHUNK`` positions at a time so that the log-softmax never holds a second copy
+    of the window's logits (the eval phase's peak memory on a 135M decoder)."""
+    total = 0.0
+    first = logits.shape[0] - scored
+    for start in range(first, logits.shape[0], NLL_CHUNK):
+        chunk = logits[start : start + NLL_CHUNK].float()
+        total += F.cross_entropy(chunk, targets[start : start + NLL_CHUNK], reduction="sum").item()
+    return total
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from bench.tasks import lm as lm_module
 from bench.tasks.lm import LMRecipe, WikiText2, perplexity, sliding_windows
 from tiny import tiny_llama
 
@@ -49,8 +50,10 @@ def _reference_perplexity(model, ids, max_len, stride):
     return math.exp(nll_sum / n_pred)
 
 
+@pytest.mark.parametrize("chunk", [256, 5])  # 5: chunk edges inside the scored span, a ragged last chunk
 @pytest.mark.parametrize("seq_len,stride", [(32, 32), (32, 8)])
-def test_perplexity_equals_reference_loop(tiny_decoder, seq_len, stride):
+def test_perplexity_equals_reference_loop(tiny_decoder, seq_len, stride, chunk, monkeypatch):
+    monkeypatch.setattr(lm_module, "NLL_CHUNK", chunk)
     model, tokenizer = tiny_decoder
     data = TaskData(
         {"test": {"text": ["the cat sat on the mat.", "a quick brown fox jumps over the lazy dog " * 6]}},
