@@ -482,11 +482,12 @@ def build(
 def _contended(row: dict) -> dict[str, bool]:
     """Per time measure of the table (``TIMED``): whether the row took it while other processes kept more than
     ``CONTENDED_CORES`` busy (``others_cores``, recorded by ``bench.metrics.memory.busy_elsewhere``)."""
-    latency = row.get("latency") or {}
+    latency, timing = row.get("latency") or {}, row.get("timing") or {}
+    method_s = timing.get("method_s") or 0.0  # a method of no seconds (rtn) has no time to inflate
     loads = {
         LATENCY: latency.get("others_cores"),
         DECODE: (latency.get("decode") or {}).get("others_cores"),
-        METHOD_TIME: ((row.get("timing") or {}).get("others_cores") or {}).get("method"),
+        METHOD_TIME: (timing.get("others_cores") or {}).get("method") if method_s >= 1 else None,
     }
     return {f"contended {column}": x is not None and x > CONTENDED_CORES for column, x in loads.items()}
 

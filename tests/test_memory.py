@@ -81,6 +81,11 @@ def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monke
     with memory.busy_elsewhere() as load:
         advance()
     assert load == {"others_cores": 1.0}  # (3 - 1) CPU s over 2 s: one other core busy throughout
+    ticks = iter([(100.0, 10.0, 0.0), (100.03, 10.0, 0.01)])  # 3 ticks in 10 ms: too short to tell
+    advance()
+    with memory.busy_elsewhere() as load:
+        advance()
+    assert load == {"others_cores": None}
 
     stat = tmp_path / "stat"  # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
     stat.write_text("cpu  400 100 200 5000 300 10 20 30 999 999\ncpu0 1 2 3 4 5 6 7 8 9 10\n")

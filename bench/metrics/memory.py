@@ -22,6 +22,7 @@ from pathlib import Path
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 _PROC_STAT = "/proc/stat"
+BUSY_MIN_S = 0.5  # shortest block whose others_cores is told
 
 
 def _busy_seconds() -> float | None:
@@ -42,13 +43,14 @@ def _own_seconds() -> float:
 
 @contextmanager
 def busy_elsewhere() -> Iterator[dict[str, float | None]]:
-    """Measure, over the ``with`` block, the cores other processes kept busy: ``{"others_cores": x}`` (None where
-    ``/proc/stat`` is unreadable). Tick granularity (10 ms) makes it approximate over short blocks."""
+    """Measure, over the ``with`` block, the cores other processes kept busy: ``{"others_cores": x}``; None where
+    ``/proc/stat`` is unreadable or the block lasted under ``BUSY_MIN_S`` (the counters tick every 10 ms: a
+    handful of ticks over a few milliseconds would read as whole cores)."""
     out: dict[str, float | None] = {"others_cores": None}
     busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
     yield out
     end_busy, wall = _busy_seconds(), time.perf_counter() - start
-    if busy is not None and end_busy is not None and wall > 0:
+    if busy is not None and end_busy is not None and wall >= BUSY_MIN_S:
         out["others_cores"] = round(max(0.0, (end_busy - busy) - (_own_seconds() - own)) / wall, 2)
 
 
