@@ -128,8 +128,9 @@ CLAIMS = (
             Test("prequant", "rtn", "W3A32"),
             Test("prequant", "rtn", "W2A32"),
         ),
-        "One epoch over the FP32 fine-tune's 4,000 examples, weight-only (A32) as the paper. The committed rows (W4 "
-        "only so far) ran beside a test suite on the 2 cores: their p50 ms and method s are no speed figures.",
+        "One epoch over the FP32 fine-tune's 4,000 examples, weight-only (A32) as the paper. The rows ran beside "
+        "other jobs on the 2 cores: their p50 ms and method s are no speed figures (the W3/W2 rows mark it with †; "
+        "the W4 rows predate the mark).",
     ),
     Claim(
         "ptq-smollm2",
