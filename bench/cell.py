@@ -132,8 +132,8 @@ class CellRunner:
             for cell in group:
                 yield cell, self.failed_row(cell, exc)
             return
-        for cell in group:
-            yield cell, self.run_cell(cell, prepared)
+        for i, cell in enumerate(group):
+            yield cell, self.run_cell(cell, prepared, handover=i == len(group) - 1)
 
     def failed_row(self, cell: Cell, error: BaseException, *, started: str | None = None) -> dict:
         """The failed row of a cell that never ran its method (its group's FP model failed, its worker died)."""
@@ -143,9 +143,12 @@ class CellRunner:
         log.error("could not prepare %s/%s seed %d: %s", cell.task, cell.model, cell.seed, describe_error(exc))
         log_traceback(exc)
 
-    def run_cell(self, cell: Cell, prepared: Prepared) -> dict:
+    def run_cell(self, cell: Cell, prepared: Prepared, *, handover: bool = False) -> dict:
         """Quantize a copy of the group's FP model with the cell's method, evaluate and measure it: the cell's row.
-        A method (or measurement) that raises makes a failed row; nothing here raises."""
+        A method (or measurement) that raises makes a failed row; nothing here raises.
+
+        ``handover``: the group's last cell takes the FP model itself (``prepared.fp_model`` becomes None), so the
+        cell's phases do not hold a second model beside its own (SmolLM2-135M: 0.5 GB of its peak)."""
         started, t0 = now(), time.perf_counter()
         task_entry = self.plugins.tasks.entry(cell.task)
         task, recipe, data, tokenizer = prepared.task, prepared.recipe, prepared.data, prepared.tokenizer
@@ -154,7 +157,10 @@ class CellRunner:
             method_cls = method_entry.obj
             method = method_cls(method_cls.Config(**cell.method_config))
             method.name = method_entry.name
-            student = copy.deepcopy(prepared.fp_model)
+            if handover:
+                student, prepared.fp_model = prepared.fp_model, None
+            else:
+                student = copy.deepcopy(prepared.fp_model)
             meter = MethodMeter(student)
             context = self.method_context(method, task, tokenizer, data, recipe, cell.seed, watch=meter.watch)
             seed_everything(cell.seed)

@@ -178,3 +178,24 @@ def test_pool_worker_killed_fails_only_its_cell(tmp_path, crash_plugin):
     assert "BrokenProcessPool" in rows[("crash", "W4A32")]["error"]
     ok = [k for k, r in rows.items() if r["status"] == "ok"]
     assert sorted(ok) == [("crash", "W8A32"), ("fp32", "FP32"), ("rtn", "W4A32"), ("rtn", "W8A32")]
+
+
+def test_the_groups_last_cell_takes_the_fp_model_and_the_others_copy_it(monkeypatch):
+    """Memory: no cell's phases hold the group's FP model beside their own copy once no cell needs it any more."""
+    from bench.cell import CellRunner, Prepared
+
+    fp_model = torch.nn.Linear(2, 2)
+    prepared = Prepared(task=None, recipe=None, data=None, fp_model=fp_model, tokenizer=None, finetune=None)
+    seen = []
+
+    def run_cell(self, cell, prep, *, handover=False):
+        seen.append((cell, handover, prep.fp_model is fp_model))
+        if handover:
+            prep.fp_model = None
+        return {}
+
+    monkeypatch.setattr(CellRunner, "prepare", lambda self, cell: prepared)
+    monkeypatch.setattr(CellRunner, "run_cell", run_cell)
+    runner = CellRunner.__new__(CellRunner)
+    assert [cell for cell, _ in runner.run_group(["a", "b", "c"])] == ["a", "b", "c"]
+    assert seen == [("a", False, True), ("b", False, True), ("c", True, True)]
