@@ -169,7 +169,7 @@ CLAIMS = (
             Test("smoothquant", "rtn", "W8A8 g128"),
         ),
         "Static: the paper's per-tensor static A8 with and without smoothing (`layers=none`: the same calibrated "
-        f"grid, nothing smoothed). Dynamic: per-token A8, smoothed vs plain RTN. {LM_NOTE}",
+        f"grid, nothing smoothed). Dynamic: per-token A8, smoothed vs plain RTN (not run yet). {LM_NOTE}",
     ),
     Claim(
         "zsaq-smollm2",
