@@ -242,13 +242,6 @@ class QuantTiedHead(nn.Module):
         self.__dict__["table"] = table
         self.input_scale = None
 
-    @property
-    def weight_quantizer(self) -> nn.Module:
-        return self.table.weight_quantizer
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.table.effective_weight()
-
     def quantized_weight(self) -> torch.Tensor:
         return self.table.quantized_weight()
 
@@ -287,8 +280,7 @@ def quantize_model(
         if _matches(name, keep_fp):
             continue
         if isinstance(module, nn.Linear):
-            act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
-            replacement = QuantLinear(module, weight_quantizer(spec, module.weight), act)
+            replacement = QuantLinear(module, weight_quantizer(spec, module.weight), _act_quantizer(spec))
         elif isinstance(module, nn.Embedding) and spec.embeddings:
             replacement = QuantEmbedding(module, weight_quantizer(spec, module.weight))
         else:
@@ -297,10 +289,14 @@ def quantize_model(
     tables = {id(m.weight): m for m in model.modules() if isinstance(m, QuantEmbedding)}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and id(module.weight) in tables:
-            act = DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
-            replace_module(model, name, QuantTiedHead(module, tables[id(module.weight)], act))
+            replace_module(model, name, QuantTiedHead(module, tables[id(module.weight)], _act_quantizer(spec)))
     log.debug("quantized model: %s", summarize(model))
     return model
+
+
+def _act_quantizer(spec: QuantSpec) -> nn.Module | None:
+    """Every quantized Linear's (a tied head's included) activation quantizer: per token, when the cell has one."""
+    return DynamicActQuantizer(spec.a_bits) if spec.a_bits else None
 
 
 def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
