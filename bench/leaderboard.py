@@ -43,6 +43,7 @@ LOWER_IS_BETTER = (SIZE, LATENCY, DECODE, SHARPNESS, METHOD_TIME)
 # over seeds says little), and folds compression into size and speedup into latency
 MEASURES = (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE, SPEEDUP, METHOD_TIME)
 FOLDED = {COMPRESSION: SIZE, SPEEDUP: LATENCY}  # long layout: column -> the column its figure is shown in
+COSTS = (SIZE, LATENCY, DECODE, METHOD_TIME)  # the long layout's columns of what a cell costs, beside its scores
 LAYOUTS = ("long", "wide")
 
 

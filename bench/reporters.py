@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from bench import hookimpl
-from bench.leaderboard import Leaderboard, View
+from bench.leaderboard import COSTS, Leaderboard, View
 
 WIDTH = 120  # the long md table fits a terminal this wide: method labels are cut to fit (the notes give them whole)
 MIN_LABEL = 12  # ... but never below this
@@ -36,9 +36,21 @@ def _marked(view: View, mark, table: pd.DataFrame | None = None) -> pd.DataFrame
     return table
 
 
-def _md_table(view: View) -> str:
+def _md_table(view: View, groups: list[list] | None = None, wrap: bool = False) -> str:
+    """The view's md table; the long one as one pipe table per group of columns (default: one of all), each
+    repeating the row labels, and with ``wrap`` a group wider than ``WIDTH`` in as many tables as it takes."""
     table = view.flat(_marked(view, lambda text: f"**{text}**"))
-    return _pipe_table(table) if view.long else table.to_markdown(index=False, disable_numparse=True)
+    if not view.long:
+        return table.to_markdown(index=False, disable_numparse=True)
+    keys = list(table.columns[: len(view.table.index.names)])
+    parts = []
+    for group in groups or [list(view.table.columns)]:
+        parts.append([*keys, group[0]])
+        for column in group[1:]:
+            if wrap and _width(_pipe_table(table[[*parts[-1], column]])) > WIDTH:
+                parts.append([*keys])
+            parts[-1].append(column)
+    return "\n\n".join(_pipe_table(table[columns]) for columns in parts)
 
 
 def _pipe_table(table: pd.DataFrame) -> str:
@@ -55,16 +67,28 @@ def _pipe_table(table: pd.DataFrame) -> str:
     return "\n".join([line(header), rule, *map(line, rows)])
 
 
+def _width(text: str) -> int:
+    return max(map(len, text.splitlines()))
+
+
 def _fitted(view: View) -> tuple[View, str]:
-    """The long view's md table, method labels cut (``…#k``, given whole in the view's notes) when that makes its
-    lines fit ``WIDTH``; a table too wide for other reasons (many tasks) keeps its labels whole."""
-    text = _md_table(view)
-    excess = max(map(len, text.splitlines())) - WIDTH
+    """The long view's md table fitted to ``WIDTH``, in the first of these ways that fits: as it is; method labels
+    cut (``…#k``, given whole in the view's notes, never below ``MIN_LABEL``); split into a table of the scores and
+    one of the costs (size, latency, method time), labels cut as far as that needs; the split tables, labels cut to
+    ``MIN_LABEL``, each wrapped into as many tables as it takes (many tasks)."""
+    columns = list(view.table.columns)
+    costs = [c for c in columns if c in COSTS]
+    splits = [[columns]]
+    if costs and len(costs) < len(columns):
+        splits.append([[c for c in columns if c not in costs], costs])
     longest = max(len(index[0]) for index in view.table.index)
-    if 0 < excess <= longest - MIN_LABEL:
-        view = view.abbreviated(max(longest - excess, MIN_LABEL))
-        text = _md_table(view)
-    return view, text
+    for groups in splits:
+        excess = _width(_md_table(view, groups)) - WIDTH
+        if excess <= longest - MIN_LABEL or excess <= 0:
+            fitted = view.abbreviated(longest - excess) if excess > 0 else view
+            return fitted, _md_table(fitted, groups)
+    fitted = view.abbreviated(MIN_LABEL)
+    return fitted, _md_table(fitted, splits[-1], wrap=True)
 
 
 def _wrapped(text: str, first: str = "") -> str:

@@ -256,6 +256,41 @@ def test_long_method_labels_are_cut_to_fit_and_named_whole_in_the_notes(tmp_path
     assert f"- {short} = {label}" in md
 
 
+def _tables(md: str) -> list[list[list[str]]]:
+    """The cells of each of the md text's tables."""
+    return [_md_table(part) for part in md.split("\n\n") if part.startswith("| method ")]
+
+
+def test_a_table_that_cut_labels_cannot_fit_splits_into_its_scores_and_its_costs_labels_whole(tmp_path):
+    label = "zsaq[act_mode=static,layers=none,alpha=0.5]"
+    rows = _card_rows(zsaq=label[5:-1])
+    for row in rows:
+        if row["method"] == "prequant":
+            row["data_used"] = "calibration"  # 157 columns as one table; 126 with labels cut to 12
+    _, md = build(rows, [], []).write("md", tmp_path / "b.md")
+    assert max(len(line) for line in md.splitlines()) <= 120, md
+    scores, costs = _tables(md)
+    assert scores[0] == ["method", "data", "bits", "sst2", "Δfp32", "Δrtn", "sharpness"]
+    assert costs[0] == ["method", "data", "bits", "size MB", "p50 ms", "method s"]
+    assert [r[:3] for r in costs] == [r[:3] for r in scores] and scores[4][0] == label and "…#" not in md
+
+
+def test_a_table_too_wide_even_split_wraps_each_part_repeating_the_labels(tmp_path):
+    rows = _card_rows(zsaq="act_mode=static,layers=none,alpha=0.5")
+    rows += [{**row, "task": "mrpc"} for row in rows]  # a second score column
+    board = build(rows, [], [])
+    _, md = board.write("md", tmp_path / "b.md")
+    assert max(len(line) for line in md.splitlines()) <= 120, md
+    tables = _tables(md)
+    assert len(tables) == 3 and all(t[0][:3] == ["method", "data", "bits"] for t in tables)
+    assert all([r[:3] for r in t] == [r[:3] for r in tables[0]] for t in tables)  # the same rows in each
+    columns = [c for t in tables for c in t[0][3:]]
+    assert sorted(columns) == sorted(board.long().columns.drop("speedup", errors="ignore"))  # each column once
+    assert tables[-1][0][3:] == ["size MB", "p50 ms", "method s"]  # the costs apart
+    short = next(r[0] for r in tables[0] if r[0].startswith("zsaq"))
+    assert len(short) == 12 and f"- {short} = zsaq[act_mode=static,layers=none,alpha=0.5]" in md
+
+
 def test_a_grid_whose_cells_ran_different_kernels_names_each_and_simulated_shows_a_dash(tmp_path):
     rows = _card_rows()
     for row in rows:
