@@ -18,22 +18,22 @@ error of that group's contribution to the output, sum_t (x_t,group . (Q(w) - w))
 
 Blocks are processed in order, each on inputs produced by the already-quantized earlier blocks (the
 current block runs in float while its inputs are recorded); Linears outside the repeated blocks
-(BERT's pooler) are handled last. Each block's inputs are recorded by a forward pass from the model's
-input that stops after the block: simple and architecture-free, at the cost of ~L/2 full forward passes
-over the calibration set for L blocks. Reimplementation, after the paper and the AutoAWQ reference code.
+(BERT's pooler) are handled last. The inputs are carried from block to block
+(``bench.quant.calibration.blockwise``), as AutoAWQ does. Reimplementation, after the paper and the AutoAWQ
+reference code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
-from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
+from bench.quant.calibration import Stream, blockwise, linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import QuantLinear, freeze, quantize_model
 from bench.quant.smoothing import (
     ChannelStats,
@@ -72,18 +72,19 @@ def _evenly(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def collect_inputs(
-    model: nn.Module, batches: list, layers: dict[str, nn.Module], max_tokens: int, stop_after: nn.Module | None
+    stream: Stream, batches: int, layers: dict[str, nn.Module], max_tokens: int
 ) -> tuple[dict[str, ChannelStats], dict[str, torch.Tensor]]:
-    """Per-channel statistics over all calibration tokens and a subsample of at most ``max_tokens`` inputs."""
+    """Per-channel statistics over all calibration tokens ``stream`` feeds (from ``batches`` batches) and a
+    subsample of at most ``max_tokens`` inputs."""
     stats = {name: ChannelStats() for name in layers}
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    per_batch = -(-max_tokens // max(len(batches), 1))
+    per_batch = -(-max_tokens // max(batches, 1))
 
     def on_input(name: str, x: torch.Tensor) -> None:
         stats[name].update(x)
         chunks[name].append(_evenly(x, per_batch).float())
 
-    stream_inputs(model, batches, layers, on_input, stop_after=stop_after)
+    stream(layers, on_input)
     samples = {name: _evenly(torch.cat(c), max_tokens) for name, c in chunks.items() if c}
     return stats, samples
 
@@ -162,24 +163,17 @@ def search_clip(layer: QuantLinear, x: torch.Tensor, grid: int) -> QParams:
 # --------------------------------------------------------------------------- the method
 
 
-def _stages(model: nn.Module) -> Iterable[tuple[str, nn.Module | None]]:
-    """(name, module to stop after) for each transformer block in order, then everything else."""
-    yield from transformer_blocks(model)
-    yield "rest", None
-
-
-def _pending(model: nn.Module, stage: str, module: nn.Module | None) -> dict[str, QuantLinear]:
-    scope = linear_layers(module, stage) if module is not None else dict(model.named_modules())
+def _pending(scope: dict[str, nn.Module]) -> dict[str, QuantLinear]:
     return {n: m for n, m in scope.items() if isinstance(m, QuantLinear) and not m.weight_quantizer.frozen}
 
 
-def quantize_stage(model: nn.Module, batches: list, stage: str, module: nn.Module | None, config: AWQConfig) -> dict:
-    """Search scales (and clips) for the not-yet-frozen QuantLinears of one stage, then freeze them."""
-    layers = _pending(model, stage, module)
+def quantize_stage(layers: dict[str, QuantLinear], stream: Stream, batches: int, config: AWQConfig) -> dict:
+    """Search scales (and clips) for ``layers`` (not yet frozen) on the inputs ``stream`` feeds them, then
+    freeze them."""
     if not layers:
         return {}
     with float_layers(layers.values()):
-        stats, samples = collect_inputs(model, batches, layers, config.max_tokens, module)
+        stats, samples = collect_inputs(stream, batches, layers, config.max_tokens)
     report = {}
     for group in shared_input_groups(stats):
         mods = [layers[n] for n in group]
@@ -205,9 +199,11 @@ class AWQ(Method):
     def quantize(self, model: nn.Module, spec: QuantSpec, context: MethodContext) -> nn.Module:
         batches = context.calibration_batches(self.config.n_samples, self.name)
         model = quantize_model(model, spec, keep_fp=context.keep_fp)
-        alphas = {}
-        for stage, module in _stages(model):
-            alphas.update(quantize_stage(model, batches, stage, module, self.config))
+        alphas, n = {}, len(batches)
+        for name, block, stream in blockwise(model, batches, transformer_blocks(model)):
+            alphas.update(quantize_stage(_pending(linear_layers(block, name)), stream, n, self.config))
+        rest = partial(stream_inputs, model, batches)  # the Linears outside the blocks (BERT's pooler)
+        alphas.update(quantize_stage(_pending(dict(model.named_modules())), rest, n, self.config))
         context.report["alphas"] = alphas  # the searched exponent per layer, in the row (method_info)
         return freeze(model)  # layers no calibration token reached: plain RTN
 

@@ -2,7 +2,8 @@
 
 Sequential, as in the reference code: the blocks are quantized one after the other, and each block's
 Hessians are taken from inputs that flow through the already-quantized earlier blocks, while the block
-itself runs in full precision (its layers' quantizers are bypassed during the pass). Linears outside the
+itself runs in full precision (its layers' quantizers are bypassed during the pass). The inputs are carried
+from block to block (``bench.quant.calibration.blockwise``), not recomputed from the model's input. Linears outside the
 blocks (BERT's pooler, a decoder's input projection) are quantized in the same execution order: those
 that run before the first block first, the rest last.
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
-from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
+from bench.quant.calibration import Stream, blockwise, linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
 
 
@@ -54,19 +55,28 @@ class GPTQ(Method):
             model, spec, keep_fp=context.keep_fp, weight_quantizer=partial(WeightQuantizer, clip=cfg.clip)
         )
         batches = _to_device(context.calibration_batches(cfg.n_samples, self.name), _model_device(model))
-        for group, stop_after in _units(model, batches):
-            self._quantize_group(model, batches, group, stop_after)
+        blocks = transformer_blocks(model)
+        inside = {n for block_name, block in blocks for n in linear_layers(block, block_name)}
+        outside = {n: m for n, m in _quant_layers(model).items() if n not in inside}
+        if blocks and outside:  # Linears that run before the first block (a decoder's input projection)
+            before = _run_before(model, batches, outside, blocks[0][1])
+            stream = partial(stream_inputs, model, batches, stop_after=blocks[0][1])
+            self._quantize_group({n: outside.pop(n) for n in before}, stream)
+        for name, block, stream in tqdm(blockwise(model, batches, blocks), total=len(blocks), desc="gptq", leave=False):
+            self._quantize_group(_quant_layers(block, name), stream)
+        self._quantize_group(outside, partial(stream_inputs, model, batches))  # the head, BERT's pooler
         return freeze(model)
 
-    def _quantize_group(self, model: nn.Module, batches: list[dict], layers: dict, stop_after) -> None:
-        """One calibration pass accumulating the Hessians of ``layers`` (run in float), then GPTQ on each."""
+    def _quantize_group(self, layers: dict, stream: Stream) -> None:
+        """One calibration pass (``stream``) accumulating the Hessians of ``layers`` (run in float), then GPTQ
+        on each."""
         if not layers:
             return
         accumulators = {
             name: HessianAccumulator(layer.in_features, layer.weight.device) for name, layer in layers.items()
         }
         with _float_weights(layers.values()):
-            stream_inputs(model, batches, layers, lambda name, x: accumulators[name].add(x), stop_after=stop_after)
+            stream(layers, lambda name, x: accumulators[name].add(x))
         cfg = self.config
         for name, layer in layers.items():
             if accumulators[name].tokens == 0:
@@ -81,26 +91,8 @@ class GPTQ(Method):
         accumulators.clear()
 
 
-def _units(model: nn.Module, batches: list[dict]) -> Iterator[tuple[dict, nn.Module | None]]:
-    """The groups of QuantLinears to quantize together, in execution order, each with where to stop.
-
-    Yields Linears outside the blocks that run before the first block, then each block, then the
-    remaining outside Linears (all in one pass over the full model).
-    """
-    blocks = transformer_blocks(model)
-    quant = {n: m for n, m in linear_layers(model).items() if isinstance(m, QuantLinear)}
-    inside = {n for block_name, block in blocks for n in linear_layers(block, block_name)}
-    outside = {n: m for n, m in quant.items() if n not in inside}
-    if not blocks:
-        yield outside, None
-        return
-    if outside:
-        before = _run_before(model, batches, outside, blocks[0][1])
-        yield {n: outside.pop(n) for n in before}, blocks[0][1]
-    for block_name, block in tqdm(blocks, desc="gptq", leave=False):
-        layers = {n: m for n, m in linear_layers(block, block_name).items() if isinstance(m, QuantLinear)}
-        yield layers, block
-    yield outside, None
+def _quant_layers(module: nn.Module, prefix: str = "") -> dict[str, QuantLinear]:
+    return {n: m for n, m in linear_layers(module, prefix).items() if isinstance(m, QuantLinear)}
 
 
 def _run_before(model: nn.Module, batches: list[dict], layers: dict, block: nn.Module) -> list[str]:

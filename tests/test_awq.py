@@ -175,8 +175,8 @@ def test_blocks_are_calibrated_on_inputs_from_the_already_quantized_earlier_bloc
     recorded = {}
     original = awq_module.collect_inputs
 
-    def spy(model, batches, layers, max_tokens, stop_after):
-        stats, samples = original(model, batches, layers, max_tokens, stop_after)
+    def spy(stream, batches, layers, max_tokens):
+        stats, samples = original(stream, batches, layers, max_tokens)
         recorded.update(samples)
         return stats, samples
 

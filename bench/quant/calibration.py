@@ -2,19 +2,29 @@
 
 PTQ methods differ in what they accumulate from a layer's inputs (GPTQ: X^T X, AWQ: mean |x| per
 channel, SmoothQuant and static activation quantizers: max |x|), not in how they get them; this is
-the one place that runs the calibration forward passes.
+the one place that runs the calibration forward passes: the whole model at once (``stream_inputs``), or
+block after block for the sequential methods (``blockwise``), each block on the outputs of the blocks
+already quantized before it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from bench.quant.layers import QuantLinear
 
+log = logging.getLogger(__name__)
+
 LINEAR_TYPES = (nn.Linear, QuantLinear)
+OnInput = Callable[[str, torch.Tensor], None]  # (layer name, its input as (tokens, features))
+Stream = Callable[[dict[str, nn.Module], OnInput], None]  # feeds calibration inputs to the layers' on_input
 
 
 class _StopForward(Exception):
@@ -52,12 +62,28 @@ def _token_mask(batch: dict) -> torch.Tensor | None:
     return mask.bool() if mask is not None else None
 
 
+def _input_hooks(layers: dict[str, nn.Module], on_input: OnInput, mask: list) -> list:
+    """Pre-hooks calling ``on_input`` with each layer's input flattened to (tokens, features), the padding
+    tokens of ``mask[0]`` (the current batch's attention mask, when it has one) left out."""
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].detach()
+            if mask[0] is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
+                x = x[mask[0]]
+            on_input(name, x.reshape(-1, x.shape[-1]))
+
+        return hook
+
+    return [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+
+
 @torch.no_grad()
 def stream_inputs(
     model: nn.Module,
     batches: Iterable[dict],
     layers: dict[str, nn.Module],
-    on_input: Callable[[str, torch.Tensor], None],
+    on_input: OnInput,
     *,
     stop_after: nn.Module | None = None,
 ) -> None:
@@ -69,32 +95,160 @@ def stream_inputs(
     """
     current_mask: list[torch.Tensor | None] = [None]
 
-    def make_hook(name):
-        def hook(_module, args):
-            x = args[0].detach()
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask]
-            on_input(name, x.reshape(-1, x.shape[-1]))
-
-        return hook
-
     def stop(_module, _args, _output):
         raise _StopForward
 
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    handles = _input_hooks(layers, on_input, current_mask)
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
-    was_training = model.training
-    model.eval()
     try:
-        for batch in batches:
-            current_mask[0] = _token_mask(batch)
-            try:
-                model(**batch)
-            except _StopForward:
-                pass
+        with _in_eval(model):
+            for batch in batches:
+                current_mask[0] = _token_mask(batch)
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+
+
+def blockwise(
+    model: nn.Module, batches: list[dict], blocks: list[tuple[str, nn.Module]]
+) -> Iterator[tuple[str, nn.Module, Stream]]:
+    """Yield ``(name, block, stream)`` for each block in order; ``stream(layers, on_input)`` feeds the block's
+    layers their inputs on the calibration batches (as ``stream_inputs`` does), with every earlier block as the
+    caller left it when it asked for the next one (quantized, for GPTQ and AWQ).
+
+    The block's inputs are kept from block to block (one forward of each block per step: 2L block forwards
+    for L blocks, plus one forward per ``stream`` call) instead of recomputed from the model's input (~L^2/2),
+    as the GPTQ and AWQ reference codes do. That needs each block's output to be the next block's input (a
+    residual inside the block, as in every HF transformer), which one model forward checks; where it is not so
+    (a residual around the blocks), each ``stream`` runs the model from its input, stopping after the block.
+    """
+    replay = _BlockReplay.capture(model, batches, blocks) if blocks else None
+    if replay is None and blocks:
+        log.info("blocks do not chain output -> input: calibrating each block from the model's input")
+    for i, (name, block) in enumerate(blocks):
+        if replay is None:
+            yield name, block, partial(stream_inputs, model, batches, stop_after=block)
+        else:
+            yield name, block, partial(replay.stream, i)
+            replay.advance(i)
+
+
+class _BlockReplay:
+    """Each calibration batch's inputs of every block, recorded in one forward pass: the first block's hidden
+    states, and the other arguments of each block's call (masks, position embeddings; a KV cache dropped), which
+    do not change when earlier blocks are quantized. The hidden states then advance one block at a time."""
+
+    def __init__(self, blocks: list[nn.Module], calls: list[list[tuple]], hidden: list, masks: list):
+        self.blocks, self.calls, self.hidden, self.masks = blocks, calls, hidden, masks
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: nn.Module, batches: list[dict], blocks: list[tuple[str, nn.Module]]):
+        """The replay, or None when a block's input is not the previous block's output (or no batch reached
+        the blocks)."""
+        modules = [block for _, block in blocks]
+        calls: list[list[tuple]] = []
+        hidden, masks, last_output, chained = [], [], [None], [True]
+
+        def before(i):
+            def hook(_module, args, kwargs):
+                x, call = _without_hidden(args, kwargs)
+                if x is None or (i > 0 and not (last_output[0] is x or torch.equal(last_output[0], x))):
+                    chained[0] = False
+                if i == 0:
+                    hidden.append(x)
+                calls[-1].append(call)
+
+            return hook
+
+        def after(i):
+            def hook(_module, _args, output):
+                last_output[0] = _hidden_output(output)
+                if i == len(modules) - 1:
+                    raise _StopForward
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(before(i), with_kwargs=True) for i, m in enumerate(modules)]
+        handles += [m.register_forward_hook(after(i)) for i, m in enumerate(modules)]
+        try:
+            with _in_eval(model):
+                for batch in batches:
+                    calls.append([])
+                    masks.append(_token_mask(batch))
+                    try:
+                        model(**batch)
+                    except _StopForward:
+                        pass
+                    if len(calls[-1]) != len(modules) or not chained[0]:
+                        return None
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls(modules, calls, hidden, masks) if hidden else None
+
+    def _outputs(self, i: int, mask: list | None = None) -> Iterator[tuple[int, object]]:
+        """Block ``i`` run on each batch's current inputs (``mask[0]`` set to the batch's attention mask first)."""
+        with _in_eval(self.blocks[i]):
+            for b, call in enumerate(self.calls):
+                if mask is not None:
+                    mask[0] = self.masks[b]
+                args, kwargs = _with_hidden(*call[i], self.hidden[b])
+                yield b, self.blocks[i](*args, **kwargs)
+
+    @torch.no_grad()
+    def stream(self, i: int, layers: dict[str, nn.Module], on_input: OnInput) -> None:
+        mask: list[torch.Tensor | None] = [None]
+        handles = _input_hooks(layers, on_input, mask)
+        try:
+            for _ in self._outputs(i, mask):
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def advance(self, i: int) -> None:
+        """Block ``i``'s outputs, as the block is now, become block ``i + 1``'s inputs."""
+        for b, output in self._outputs(i):
+            self.hidden[b] = _hidden_output(output)
+
+
+@contextlib.contextmanager
+def _in_eval(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) for the duration, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _without_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple]:
+    """A block call's hidden states and the rest of the call (a KV cache dropped: replayed calls must not grow
+    it)."""
+    kwargs = {k: None if isinstance(v, Cache) or k in _CACHES else v for k, v in kwargs.items()}
+    if args:
+        return args[0], (None, args[1:], kwargs)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], ("hidden_states", (), {**kwargs, "hidden_states": None})
+    return None, (None, (), kwargs)
+
+
+def _with_hidden(slot, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if slot is None:
+        return (hidden, *args), kwargs
+    return args, {**kwargs, slot: hidden}
+
+
+def _hidden_output(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+_CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")  # a legacy tuple cache is no Cache
