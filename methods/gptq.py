@@ -21,7 +21,7 @@ from functools import partial
 from typing import Literal
 
 import torch
-from bench.methods._gptq_solver import HessianAccumulator, gptq_layer
+from bench.methods._gptq_solver import SharedHessians, gptq_layer
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -72,23 +72,15 @@ class GPTQ(Method):
         on each."""
         if not layers:
             return
-        accumulators = {
-            name: HessianAccumulator(layer.in_features, layer.weight.device) for name, layer in layers.items()
-        }
+        hessians = SharedHessians()
         with _float_weights(layers.values()):
-            stream(layers, lambda name, x: accumulators[name].add(x))
+            stream(layers, hessians.add)
         cfg = self.config
         for name, layer in layers.items():
-            if accumulators[name].tokens == 0:
+            hessian = hessians.hessian(name)
+            if hessian is None:
                 continue  # never ran on calibration data: left to the final freeze (RTN on its grid)
-            gptq_layer(
-                layer,
-                accumulators.pop(name).hessian,
-                block_size=cfg.block_size,
-                damp=cfg.damp,
-                act_order=cfg.act_order,
-            )
-        accumulators.clear()
+            gptq_layer(layer, hessian, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
 
 
 def _quant_layers(module: nn.Module, prefix: str = "") -> dict[str, QuantLinear]:

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
-from bench.methods._gptq_solver import HessianAccumulator, gptq_layer, gptq_quantize, inverse_hessian_cholesky
+from bench.methods._gptq_solver import (
+    HessianAccumulator,
+    SharedHessians,
+    gptq_layer,
+    gptq_quantize,
+    inverse_hessian_cholesky,
+)
 from bench.methods.gptq import GPTQ, GPTQConfig
 from tiny import tiny_bert
 from torch import nn
 
 from bench.api import MethodContext, QuantSpec
+from bench.quant.calibration import linear_layers, stream_inputs
 from bench.quant.layers import DEFAULT_KEEP_FP, QuantLinear, WeightQuantizer, quantize_model
 from bench.quant.uniform import group_view, quantize_int
 
@@ -172,6 +179,42 @@ def test_inverse_hessian_factor_is_upper_cholesky_of_inverse():
     torch.testing.assert_close(u.T @ u, torch.linalg.inv(h.double()), rtol=1e-6, atol=1e-8)
 
 
+def test_hessian_sum_in_float32_equals_float64():
+    x = _correlated_inputs(2000, 64) * 30.0  # large activations, many batches
+    sums = {}
+    for dtype in (torch.float32, torch.float64):
+        acc = HessianAccumulator(64, dtype=dtype)
+        for chunk in x.split(100):
+            acc.add(chunk)
+        sums[dtype] = acc.hessian
+    exact = sums[torch.float64]
+    torch.testing.assert_close(sums[torch.float32].double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+def test_layers_reading_one_tensor_share_one_hessian_summed_once():
+    model = _tiny_bert()
+    layers = {n: m for n, m in linear_layers(model).items() if n.startswith("bert.encoder.layer.0.")}
+    hessians, added = SharedHessians(), []
+    original = HessianAccumulator.add
+
+    def counted(self, x):
+        added.append(self)
+        original(self, x)
+
+    batches = _batches(16, seed=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HessianAccumulator, "add", counted)
+        stream_inputs(model, batches, layers, hessians.add)
+    by_layer = hessians.by_layer
+    q, k, v = (f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
+    assert by_layer[q] is by_layer[k] is by_layer[v]  # one accumulator for the three
+    assert len({id(a) for a in by_layer.values()}) == len(layers) - 2 and len(added) == len(batches) * (len(layers) - 2)
+    for name, layer in layers.items():  # each equals the layer's own Hessian
+        own = HessianAccumulator(layer.in_features)
+        stream_inputs(model, batches, {name: layer}, lambda _n, x, own=own: own.add(x))
+        torch.testing.assert_close(hessians.hessian(name), own.hessian)
+
+
 def test_smoothed_layer_rejected():
     layer = _quantlinear(SPECS["per-channel"])
     layer.input_scale = torch.ones(64)
@@ -238,8 +281,6 @@ def test_sequential_pass_uses_quantized_earlier_blocks():
     batches = _batches(16, seed=1)
     context = MethodContext(task=None, tokenizer=None, seed=0, keep_fp=DEFAULT_KEEP_FP, calibration=lambda n: batches)
     model = GPTQ(GPTQConfig(n_samples=16, block_size=16)).quantize(_tiny_bert(), spec, context)
-
-    from bench.quant.calibration import stream_inputs
 
     manual = quantize_model(_tiny_bert(), spec, keep_fp=DEFAULT_KEEP_FP)
     block0 = manual.bert.encoder.layer[0]

@@ -64,14 +64,18 @@ def _token_mask(batch: dict) -> torch.Tensor | None:
 
 def _input_hooks(layers: dict[str, nn.Module], on_input: OnInput, mask: list) -> list:
     """Pre-hooks calling ``on_input`` with each layer's input flattened to (tokens, features), the padding
-    tokens of ``mask[0]`` (the current batch's attention mask, when it has one) left out."""
+    tokens of ``mask[0]`` (the current batch's attention mask, when it has one) left out. Layers that read one
+    tensor (q/k/v) are handed one ``x`` object, so a consumer can tell they share it."""
+    last: list = [None, None]  # the last input tensor seen, and the x made of it
 
     def make_hook(name):
         def hook(_module, args):
-            x = args[0].detach()
-            if mask[0] is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
-                x = x[mask[0]]
-            on_input(name, x.reshape(-1, x.shape[-1]))
+            if args[0] is not last[0]:
+                x = args[0].detach()
+                if mask[0] is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
+                    x = x[mask[0]]
+                last[:] = [args[0], x.reshape(-1, x.shape[-1])]
+            on_input(name, last[1])
 
         return hook
 
