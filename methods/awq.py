@@ -34,11 +34,10 @@ from torch import nn
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant.calibration import Stream, blockwise, linear_layers, stream_inputs, transformer_blocks
-from bench.quant.layers import QuantLinear, freeze, quantize_model
+from bench.quant.layers import QuantLinear, float_layers, freeze, quantize_model
 from bench.quant.smoothing import (
     ChannelStats,
     awq_scales,
-    float_layers,
     set_input_scale,
     shared_input_groups,
     weight_channel_mean,

@@ -14,8 +14,6 @@ in the forward as usual, but the Hessian is built from the float input of each l
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.quant.calibration import Stream, blockwise, linear_layers, stream_inputs, transformer_blocks
-from bench.quant.layers import QuantLinear, WeightQuantizer, freeze, quantize_model
+from bench.quant.layers import QuantLinear, WeightQuantizer, float_layers, freeze, quantize_model
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class GPTQ(Method):
         if not layers:
             return
         hessians = SharedHessians()
-        with _float_weights(layers.values()):
+        with float_layers(layers.values(), activations=False):  # the Hessian of the float input
             stream(layers, hessians.add)
         cfg = self.config
         for name, layer in layers.items():
@@ -92,20 +90,6 @@ def _run_before(model: nn.Module, batches: list[dict], layers: dict, block: nn.M
     seen: list[str] = []
     stream_inputs(model, batches[:1], layers, lambda name, _x: seen.append(name), stop_after=block)
     return list(dict.fromkeys(seen))
-
-
-@contextlib.contextmanager
-def _float_weights(layers) -> Iterator[None]:
-    """Bypass the weight quantizers of ``layers`` for the duration: the layers being calibrated run in
-    float, so later layers of the same block see the inputs the reference GPTQ gives them."""
-    saved = [(layer, layer.weight_quantizer) for layer in layers]
-    try:
-        for layer, _ in saved:
-            layer.weight_quantizer = nn.Identity()
-        yield
-    finally:
-        for layer, quantizer in saved:
-            layer.weight_quantizer = quantizer
 
 
 def _model_device(model: nn.Module) -> torch.device:

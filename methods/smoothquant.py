@@ -34,10 +34,9 @@ from bench import hookimpl
 from bench.api import Method, MethodContext, QuantSpec, check_range
 from bench.errors import BenchError
 from bench.quant.act_static import calibrate_static_activations
-from bench.quant.layers import QuantLinear, freeze, quantize_model
+from bench.quant.layers import QuantLinear, float_layers, freeze, quantize_model
 from bench.quant.smoothing import (
     collect_channel_stats,
-    float_layers,
     norm_fed_layers,
     set_input_scale,
     shared_input_groups,

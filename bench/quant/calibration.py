@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from bench.quant.layers import QuantLinear
+from bench.quant.layers import QuantLinear, float_layers
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ class _BlockReplay:
 
         handles = [m.register_forward_pre_hook(before(i), with_kwargs=True) for i, m in enumerate(modules)]
         handles += [m.register_forward_hook(after(i)) for i, m in enumerate(modules)]
-        try:
-            with _in_eval(model):
+        quantized = [m for block in modules for m in block.modules() if isinstance(m, QuantLinear)]
+        try:  # the blocks' outputs only show that they chain: computed in float, no weight fake-quantized
+            with _in_eval(model), float_layers(quantized):
                 for batch in batches:
                     calls.append([])
                     masks.append(_token_mask(batch))

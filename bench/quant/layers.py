@@ -7,8 +7,10 @@ float weight (GPTQ, AWQ) before freezing it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -119,6 +121,28 @@ def _cached_quantized(layer: nn.Module, effective_weight) -> torch.Tensor:
         cached = (key, quantizer(effective_weight()).detach())
         layer.__dict__["_qcache"] = cached
     return cached[1]
+
+
+@contextlib.contextmanager
+def float_layers(layers: Iterable[nn.Module], *, activations: bool = True) -> Iterator[None]:
+    """Inside the ``with`` block, the given QuantLinears compute with float weights (identity weight quantizers)
+    and, with ``activations``, float inputs.
+
+    Calibration statistics are taken on the float computation a method is meant to preserve (SmoothQuant, AWQ:
+    weights and activations; GPTQ: weights, its Hessian from the float input); the quantizers (and any
+    input_scale set meanwhile) are kept and restored on exit.
+    """
+    layers = list(layers)
+    saved = [(m.weight_quantizer, m.act_quantizer) for m in layers]
+    for m in layers:
+        m.weight_quantizer = nn.Identity()
+        if activations:
+            m.act_quantizer = nn.Identity()
+    try:
+        yield
+    finally:
+        for m, (wq, aq) in zip(layers, saved, strict=True):
+            m.weight_quantizer, m.act_quantizer = wq, aq
 
 
 class QuantLinear(nn.Module):

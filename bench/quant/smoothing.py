@@ -12,8 +12,7 @@ papers: one division of the shared input is what a deployment folds into the op 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -169,21 +168,3 @@ def set_input_scale(layers: list[nn.Module], s: torch.Tensor) -> None:
     """Install ``s`` as the ``input_scale`` of each (Quant)Linear in ``layers``."""
     for layer in layers:
         layer.input_scale = s.detach().to(device=layer.weight.device, dtype=layer.weight.dtype).clone()
-
-
-@contextmanager
-def float_layers(layers: Iterable[nn.Module]) -> Iterator[None]:
-    """Inside the ``with`` block, the given QuantLinears compute in float (identity weight and activation quantizers).
-
-    Statistics for smoothing are taken on the float computation the scales are meant to preserve; the
-    quantizers (and any input_scale set meanwhile) are kept and restored on exit.
-    """
-    layers = list(layers)
-    saved = [(m.weight_quantizer, m.act_quantizer) for m in layers]
-    for m in layers:
-        m.weight_quantizer, m.act_quantizer = nn.Identity(), nn.Identity()
-    try:
-        yield
-    finally:
-        for m, (wq, aq) in zip(layers, saved, strict=True):
-            m.weight_quantizer, m.act_quantizer = wq, aq
