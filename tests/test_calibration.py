@@ -81,3 +81,15 @@ def test_a_block_called_twice_per_forward_falls_back_to_the_whole_model():
     model = Shared()
     (_, _, stream), *_ = blockwise(model, [{"x": torch.randn(2, 8)}], transformer_blocks(model))
     assert stream.func is stream_inputs
+
+
+def test_recording_computes_the_blocks_on_the_first_batch_only_and_restores_them():
+    model, batches = _tiny_llama(), padded_batches(3, seed=2)
+    blocks = transformer_blocks(model)
+    computed = {name: 0 for name, _ in blocks}
+    for name, block in blocks:
+        block.mlp.register_forward_hook(lambda *_a, name=name: computed.__setitem__(name, computed[name] + 1))
+    for _ in blockwise(model, batches, blocks):  # no stream: the recording pass, then each block's advance
+        pass
+    assert computed == {name: 1 + len(batches) for name, _ in blocks}
+    assert all("forward" not in block.__dict__ for _, block in blocks)

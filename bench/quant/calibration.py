@@ -154,10 +154,14 @@ class _BlockReplay:
     @torch.no_grad()
     def capture(cls, model: nn.Module, batches: list[dict], blocks: list[tuple[str, nn.Module]]):
         """The replay, or None when a block's input is not the previous block's output (or no batch reached
-        the blocks)."""
+        the blocks).
+
+        Only the first batch runs the blocks (in float): it shows that they chain, and that each returns a
+        plain tensor, so nothing but the hidden states flows from block to block. The other batches then pass
+        through them unchanged: their calls are recorded without computing them."""
         modules = [block for _, block in blocks]
         calls: list[list[tuple]] = []
-        hidden, masks, last_output, chained = [], [], [None], [True]
+        hidden, masks, last_output, chained, plain = [], [], [None], [True], [True]
 
         def before(i):
             def hook(_module, args, kwargs):
@@ -172,6 +176,7 @@ class _BlockReplay:
 
         def after(i):
             def hook(_module, _args, output):
+                plain[0] = plain[0] and isinstance(output, torch.Tensor)
                 last_output[0] = _hidden_output(output)
                 if i == len(modules) - 1:
                     raise _StopForward
@@ -181,9 +186,9 @@ class _BlockReplay:
         handles = [m.register_forward_pre_hook(before(i), with_kwargs=True) for i, m in enumerate(modules)]
         handles += [m.register_forward_hook(after(i)) for i, m in enumerate(modules)]
         quantized = [m for block in modules for m in block.modules() if isinstance(m, QuantLinear)]
-        try:  # the blocks' outputs only show that they chain: computed in float, no weight fake-quantized
-            with _in_eval(model), float_layers(quantized):
-                for batch in batches:
+        try:
+            with _in_eval(model), float_layers(quantized), contextlib.ExitStack() as passing:
+                for b, batch in enumerate(batches):
                     calls.append([])
                     masks.append(_token_mask(batch))
                     try:
@@ -192,6 +197,9 @@ class _BlockReplay:
                         pass
                     if len(calls[-1]) != len(modules) or not chained[0]:
                         return None
+                    if b == 0 and plain[0]:
+                        for block in modules:
+                            passing.enter_context(_passing_through(block))
         finally:
             for handle in handles:
                 handle.remove()
@@ -233,6 +241,24 @@ def _in_eval(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+@contextlib.contextmanager
+def _passing_through(block: nn.Module) -> Iterator[None]:
+    """``block`` returns its hidden-states input unchanged (its hooks still run): a call recorded, not computed."""
+    own = block.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) is put back
+
+    def forward(*args, **kwargs):
+        return _without_hidden(args, kwargs)[0]
+
+    block.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del block.forward
+        else:
+            block.forward = own
 
 
 def _without_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple]:
