@@ -91,5 +91,5 @@ def test_recording_computes_the_blocks_on_the_first_batch_only_and_restores_them
         block.mlp.register_forward_hook(lambda *_a, name=name: computed.__setitem__(name, computed[name] + 1))
     for _ in blockwise(model, batches, blocks):  # no stream: the recording pass, then each block's advance
         pass
-    assert computed == {name: 1 + len(batches) for name, _ in blocks}
+    assert list(computed.values()) == [1 + len(batches)] * (len(blocks) - 1) + [1]  # the last one is not advanced
     assert all("forward" not in block.__dict__ for _, block in blocks)

@@ -125,11 +125,12 @@ def blockwise(
     layers their inputs on the calibration batches (as ``stream_inputs`` does), with every earlier block as the
     caller left it when it asked for the next one (quantized, for GPTQ and AWQ).
 
-    The block's inputs are kept from block to block (one forward of each block per step: 2L block forwards
-    for L blocks, plus one forward per ``stream`` call) instead of recomputed from the model's input (~L^2/2),
-    as the GPTQ and AWQ reference codes do. That needs each block's output to be the next block's input (a
-    residual inside the block, as in every HF transformer), which one model forward checks; where it is not so
-    (a residual around the blocks), each ``stream`` runs the model from its input, stopping after the block.
+    The block's inputs are carried from block to block, as the GPTQ and AWQ reference codes do: one forward of
+    each block but the last to advance them, plus one per ``stream`` call (2L - 1 block forwards for L blocks),
+    instead of a forward from the model's input for each block (~L^2/2). That needs each block's output to be
+    the next block's input (a residual inside the block, as in every HF transformer), which one model forward
+    checks; where it is not so (a residual around the blocks), each ``stream`` runs the model from its input,
+    stopping after the block.
     """
     replay = _BlockReplay.capture(model, batches, blocks) if blocks else None
     if replay is None and blocks:
@@ -139,7 +140,8 @@ def blockwise(
             yield name, block, partial(stream_inputs, model, batches, stop_after=block)
         else:
             yield name, block, partial(replay.stream, i)
-            replay.advance(i)
+            if i + 1 < len(blocks):
+                replay.advance(i)
 
 
 class _BlockReplay:
