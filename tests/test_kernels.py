@@ -40,6 +40,8 @@ CASES = [
     (4, "per-group", 128, 64, "int4pack", 64),
     (4, "per-channel", 64, 128, "int4pack", 64),
     (4, "per-tensor", 96, 128, "int4pack", 32),
+    (3, "per-group", 128, 64, "int4pack", 64),  # 3- and 2-bit codes in the kernel's 4-bit slots
+    (2, "per-channel", 64, 128, "int4pack", 64),
     (8, "per-channel", 96, 128, "int8pack", None),
     (8, "per-tensor", 48, 128, "int8pack", None),
 ]
@@ -98,7 +100,14 @@ def test_asymmetric_int8_zero_point_correction_keeps_precision():
 
 @pytest.mark.parametrize(
     "bits,granularity,symmetric",
-    [(4, "per-group", True), (4, "per-group", False), (4, "per-channel", False), (8, "per-channel", True)],
+    [
+        (4, "per-group", True),
+        (4, "per-group", False),
+        (4, "per-channel", False),
+        (3, "per-group", False),
+        (2, "per-channel", True),
+        (8, "per-channel", True),
+    ],
 )
 def test_grid_maps_onto_kernel_format_exactly(bits, granularity, symmetric):
     """With bf16-exact scales and inputs, only the kernel's bf16 output rounding remains: the mapping
@@ -114,8 +123,7 @@ def test_grid_maps_onto_kernel_format_exactly(bits, granularity, symmetric):
 @pytest.mark.parametrize(
     "spec,out,cols,why",
     [
-        (QuantSpec(3, granularity="per-group", group_size=32), 32, 64, "3-bit: no kernel"),
-        (QuantSpec(2), 32, 64, "2-bit: no kernel"),
+        (QuantSpec(6, granularity="per-group", group_size=32), 32, 64, "6-bit per-group: no kernel"),
         (QuantSpec(4, granularity="per-group", group_size=16), 32, 64, "kernel groups are 32..256"),
         (QuantSpec(4, granularity="per-group", group_size=64), 32, 80, "80 columns: no kernel group divides them"),
         (QuantSpec(4), 24, 64, "out_features must be a multiple of 16"),
@@ -163,7 +171,8 @@ class _Net(nn.Module):
     [
         (QuantSpec(4, granularity="per-group", group_size=32), {"int4pack": 2, "fp32": 1}, "int4pack"),
         (QuantSpec(8), {"int8pack": 2, "fp32": 1}, "int8pack"),
-        (QuantSpec(3), {"simulated": 2, "fp32": 1}, "simulated"),
+        (QuantSpec(3), {"int4pack": 2, "fp32": 1}, "int4pack"),
+        (QuantSpec(6), {"simulated": 2, "fp32": 1}, "simulated"),
     ],
 )
 def test_build_latency_model_counts_kernels_and_keeps_the_original(spec, kernels, label):
@@ -184,7 +193,7 @@ def test_model_labels():
     assert kernel_label(build_latency_model(_Net())[1]) == "fp32"
     model = _Net()
     model.body[0] = QuantLinear(model.body[0], WeightQuantizer(QuantSpec(4, granularity="per-group", group_size=32)))
-    model.body[2] = QuantLinear(model.body[2], WeightQuantizer(QuantSpec(3)))
+    model.body[2] = QuantLinear(model.body[2], WeightQuantizer(QuantSpec(6)))
     fast, counts = build_latency_model(model, inplace=True)
     assert counts == {"int4pack": 1, "simulated": 1, "fp32": 1} and kernel_label(counts) == "simulated"
     assert isinstance(model.body[0], Int4PackLinear) and fast is model

@@ -63,7 +63,7 @@ from torch import nn
 from bench.quant.act_static import StaticActQuantizer
 from bench.quant.export import QuantizedWeight, is_packable, quantize_linear
 from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear, QuantTiedHead, replace_module
-from bench.quant.uniform import QParams, compute_qparams
+from bench.quant.uniform import QParams, compute_qparams, group_view, ungroup
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu (torch 2.13)
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
@@ -267,16 +267,22 @@ class Int8GemmLinear(_KernelLinear):
 
 
 class Int4PackLinear(_KernelLinear):
-    """4-bit weights on ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, scales and zeros)."""
+    """2- to 4-bit weights on ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, scales and zeros). Codes of
+    fewer than 4 bits sit in the kernel's 4-bit slots (u = q - qmin < 2^bits <= 16) and map onto its
+    (u - 8) * scale + zero exactly: a W3/W2 cell runs, and is timed at, the 4-bit kernel's speed."""
 
     kernel = "int4pack"
 
     def __init__(self, layer: QuantLinear, qw: QuantizedWeight, group: int):
         super().__init__(layer)
         self.group = group
-        unsigned = (qw.int_codes() - qw.qmin).to(torch.int32).contiguous()
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, INT4_INNER_K_TILES))
-        self.register_buffer("scales_and_zeros", _int4_scales_and_zeros(qw, group))
+        offset = _int4_offsets(qw)
+        codes = qw.int_codes().to(torch.int32)
+        unsigned = ungroup(group_view(codes, qw.granularity, qw.group_size) - offset.to(torch.int32), codes)
+        self.register_buffer(
+            "weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), INT4_INNER_K_TILES)
+        )
+        self.register_buffer("scales_and_zeros", _int4_scales_and_zeros(qw, group, offset))
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         x = x2d.to(KERNEL_DTYPE).contiguous()
@@ -298,11 +304,22 @@ def _per_column_group(qw: QuantizedWeight, values: torch.Tensor, group: int) -> 
     return per_row.repeat_interleave(qw.group_size // group, dim=1)[:, :n]
 
 
-def _int4_scales_and_zeros(qw: QuantizedWeight, group: int) -> torch.Tensor:
-    """The kernel's (in // group, out, 2) table: w = (u - 8) * scale + zero with u = q - qmin."""
+def _int4_offsets(qw: QuantizedWeight) -> torch.Tensor:
+    """Per grouped-view row, the c that stores q as the kernel's u = q - c in [0, 15]: the one nearest zp - 8.
+
+    The kernel computes (u - 8) * scale + zero, zero = (8 + c - zp) * scale, with scale and zero in bfloat16;
+    their rounding errors cancel badly when |8 + c - zp| is large next to a weight's |q - zp| (2-bit codes:
+    1.5% of the output with c = qmin). With this c the zero is exactly 0 for every symmetric grid of <= 4 bits
+    and every asymmetric one of <= 3 bits; 4-bit asymmetric codes fill all 16 slots (c = qmin = 0)."""
+    zero_point = qw.qparams().zero_point
+    return (zero_point.round() - 8).clamp(qw.qmax - 15, qw.qmin)
+
+
+def _int4_scales_and_zeros(qw: QuantizedWeight, group: int, offset: torch.Tensor) -> torch.Tensor:
+    """The kernel's (in // group, out, 2) table: w = (u - 8) * scale + zero with u = q - offset."""
     qp = qw.qparams()
     scale = qp.scale.float()
-    zero = (8 + qw.qmin - qp.zero_point.float()) * scale
+    zero = (8 + offset.float() - qp.zero_point.float()) * scale
     table = torch.stack([_per_column_group(qw, scale, group), _per_column_group(qw, zero, group)], dim=-1)
     return table.transpose(0, 1).to(KERNEL_DTYPE).contiguous()
 
@@ -310,7 +327,7 @@ def _int4_scales_and_zeros(qw: QuantizedWeight, group: int) -> torch.Tensor:
 def int4_group(qw: QuantizedWeight) -> int | None:
     """The kernel group size that expresses ``qw``'s grid exactly, or None if the kernel cannot."""
     out, k = qw.shape
-    if qw.bits != 4 or out % INT4_N_MULTIPLE:
+    if qw.bits > 4 or out % INT4_N_MULTIPLE:
         return None
     span = qw.group_size if qw.granularity == "per-group" else k
     need = math.gcd(span, k)  # kernel groups must tile both our groups and the (ragged) row end
