@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,9 @@ class PerplexityTask(Task):
     offline_name: str | None = None
 
     def __init__(self):
-        self._ids: dict[tuple, torch.Tensor] = {}
+        # per tokenizer, as long as it lives: an id() key could be reused by another tokenizer once this one is
+        # freed (a wrong cached text), and kept every seed group's copy of the split alive
+        self._ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def load(self, data_dir: str | None = None) -> TaskData:
         twin = (lambda: _offline_text(self.offline_name)) if self.offline_name else None
@@ -94,11 +97,12 @@ class PerplexityTask(Task):
 
     def token_ids(self, tokenizer, data: TaskData, split: str) -> torch.Tensor:
         """The split joined with blank lines and tokenized once (cached per tokenizer)."""
-        key = (id(tokenizer), data.source, split)
-        if key not in self._ids:
+        cached = self._ids.setdefault(tokenizer, {})
+        key = (data.source, split)
+        if key not in cached:
             text = "\n\n".join(data.splits[split]["text"])
-            self._ids[key] = tokenizer(text, return_tensors="pt").input_ids[0]
-        return self._ids[key]
+            cached[key] = tokenizer(text, return_tensors="pt").input_ids[0]
+        return cached[key]
 
     def calibration_batches(self, tokenizer, data: TaskData, n: int, *, seed: int, device="cpu", recipe=None):
         return self._random_windows(tokenizer, data, "train", n, seed=seed, device=device, recipe=recipe)

@@ -1,7 +1,9 @@
 """Perplexity: windows, the metric against a plain reference loop, offline text, decoder end to end."""
 
+import gc
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -123,3 +125,24 @@ def test_sharpness_batches_are_one_window_each_with_the_same_mean_loss(tiny_deco
     with torch.no_grad():
         lazy = sum(mean_loss(batches, loss=task.loss, lazy=True)(model)).item()
         assert lazy == pytest.approx(task.loss(model, together).item(), rel=1e-5)
+
+
+class _CharTokenizer:
+    """One id per character, shifted by ``shift``: two of them tokenize one text differently."""
+
+    def __init__(self, shift: int):
+        self.shift = shift
+
+    def __call__(self, text, return_tensors):
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) + self.shift for c in text]]))
+
+
+def test_token_ids_are_cached_per_tokenizer_while_it_lives():
+    task, data = WikiText2(), TaskData({"train": {"text": ["ab", "cd"]}}, "offline:x")
+    first, second = _CharTokenizer(0), _CharTokenizer(1)
+    ids = task.token_ids(first, data, "train")
+    assert task.token_ids(first, data, "train") is ids  # tokenized once
+    assert torch.equal(task.token_ids(second, data, "train"), ids + 1)  # never another tokenizer's cached ids
+    del second
+    gc.collect()
+    assert len(task._ids) == 1  # a freed tokenizer's text is freed with it
