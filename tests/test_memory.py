@@ -94,3 +94,21 @@ def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monke
     assert busy_seconds() == pytest.approx((400 + 100 + 200 + 10 + 20 + 30) / hz)  # idle, iowait, guests out
     monkeypatch.setattr(memory, "_PROC_STAT", str(tmp_path / "absent"))
     assert busy_seconds() is None
+
+
+def _rss_mb() -> float:
+    status = open("/proc/self/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, /proc/self/status")
+def test_a_phase_starts_from_the_memory_in_use_not_what_the_allocator_kept():
+    """Freed small blocks stay in the C heap (the pinned top keeps it from shrinking by itself): released, RSS drops,
+    so the next phase's peak is its own."""
+    blocks = [torch.ones(8 * 1024) for _ in range(6000)]  # 32 KB each: heap, not mmap; ~190 MB
+    pin = torch.ones(8 * 1024)  # allocated last: the heap's top stays in use
+    del blocks
+    kept = _rss_mb()
+    memory.release_freed_memory()
+    assert kept - _rss_mb() > 100, (kept, _rss_mb())
+    assert pin.sum() > 0
