@@ -268,8 +268,8 @@ class Int8GemmLinear(_KernelLinear):
 
 class Int4PackLinear(_KernelLinear):
     """2- to 4-bit weights on ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, scales and zeros). Codes of
-    fewer than 4 bits sit in the kernel's 4-bit slots (u = q - qmin < 2^bits <= 16) and map onto its
-    (u - 8) * scale + zero exactly: a W3/W2 cell runs, and is timed at, the 4-bit kernel's speed."""
+    fewer than 4 bits sit in the kernel's 4-bit slots (u = q - c in [0, 15], c per group: ``_int4_offsets``) and
+    map onto its (u - 8) * scale + zero exactly: a W3/W2 cell runs, and is timed at, the 4-bit kernel's speed."""
 
     kernel = "int4pack"
 
