@@ -25,6 +25,18 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off: as deployed, as calibrated, as timed) inside, then back in the mode it
+    came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def frozen(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """``requires_grad`` off for ``params`` inside (they get no gradient, so the optimizer skips them)."""
     params = list(params)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torch.utils.benchmark.utils.common import set_torch_threads
 
 from bench.metrics.memory import busy_elsewhere
 from bench.quant.kernels import build_latency_model, kernel_label
+from bench.training import eval_mode
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -102,7 +102,7 @@ def latency_of_model(
     (no autograd cost); with ``decode``, of one generated token after the prompt ``inputs`` on the prompt's KV
     cache (decode step latency), cropped back to the prompt after every step so each timed call does the same
     work."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return measure(_decode_step(model, inputs) if decode else _forward(model, inputs), **timing)
 
 
@@ -130,17 +130,6 @@ def _decode_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[
         cache.crop(-1)  # drop the generated token again (a negative crop removes tokens in 4.x and 5.x)
 
     return step
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Time the model as it is deployed (dropout off), then give it back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def model_latency(

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from bench.quant.layers import QuantLinear, float_layers
+from bench.training import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def stream_inputs(
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
     try:
-        with _in_eval(model):
+        with eval_mode(model):
             for batch in batches:
                 current_mask[0] = _token_mask(batch)
                 try:
@@ -189,7 +190,7 @@ class _BlockReplay:
         handles += [m.register_forward_hook(after(i)) for i, m in enumerate(modules)]
         quantized = [m for block in modules for m in block.modules() if isinstance(m, QuantLinear)]
         try:
-            with _in_eval(model), float_layers(quantized), contextlib.ExitStack() as passing:
+            with eval_mode(model), float_layers(quantized), contextlib.ExitStack() as passing:
                 for b, batch in enumerate(batches):
                     calls.append([])
                     masks.append(_token_mask(batch))
@@ -209,7 +210,7 @@ class _BlockReplay:
 
     def _outputs(self, i: int, mask: list | None = None) -> Iterator[tuple[int, object]]:
         """Block ``i`` run on each batch's current inputs (``mask[0]`` set to the batch's attention mask first)."""
-        with _in_eval(self.blocks[i]):
+        with eval_mode(self.blocks[i]):
             for b, call in enumerate(self.calls):
                 if mask is not None:
                     mask[0] = self.masks[b]
@@ -232,17 +233,6 @@ class _BlockReplay:
         """Block ``i``'s outputs, as the block is now, become block ``i + 1``'s inputs."""
         for b, output in self._outputs(i):
             self.hidden[b] = _hidden_output(output)
-
-
-@contextlib.contextmanager
-def _in_eval(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode (no dropout) for the duration, then back in the mode it was in."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 @contextlib.contextmanager
