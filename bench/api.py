@@ -190,6 +190,10 @@ class Method:
     # quantized cell is compared with at its exact grid (RTN). The runner adds both to every grid by this
     # flag, never by name, so an outside package could supply them; exactly one method may hold each role.
     role: ClassVar[Literal["reference", "baseline"] | None] = None
+    # False: ``quantize`` returns the model it is given, untouched (the FP32 reference). Its cell then borrows the
+    # group's FP model instead of a deep copy (SmolLM2-135M: 0.5 GB less at the cell's peak); the measurements
+    # leave a model as they found it (sharpness restores the weights it perturbs bit for bit).
+    changes_model: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -148,7 +148,8 @@ class CellRunner:
         A method (or measurement) that raises makes a failed row; nothing here raises.
 
         ``handover``: the group's last cell takes the FP model itself (``prepared.fp_model`` becomes None), so the
-        cell's phases do not hold a second model beside its own (SmolLM2-135M: 0.5 GB of its peak)."""
+        cell's phases do not hold a second model beside its own (SmolLM2-135M: 0.5 GB of its peak). A method that
+        does not change its model (``Method.changes_model``: the FP32 reference) borrows it in any position."""
         started, t0 = now(), time.perf_counter()
         task_entry = self.plugins.tasks.entry(cell.task)
         task, recipe, data, tokenizer = prepared.task, prepared.recipe, prepared.data, prepared.tokenizer
@@ -159,6 +160,8 @@ class CellRunner:
             method.name = method_entry.name
             if handover:
                 student, prepared.fp_model = prepared.fp_model, None
+            elif not method_cls.changes_model:
+                student = prepared.fp_model  # lent: no phase of this cell changes it
             else:
                 student = copy.deepcopy(prepared.fp_model)
             meter = MethodMeter(student)

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from bench.api import QuantSpec
 from bench.metrics.latency import latency_of_model, measure, token_inputs
 from bench.metrics.size import fp32_size_bytes, size_bytes
-from bench.quant.kernels import build_latency_model, kernel_label
+from bench.quant.kernels import _KernelLinear, build_latency_model, kernel_label
 from bench.quant.layers import freeze, quantize_model
 
 VARIANTS = {
@@ -334,6 +334,36 @@ def linear_stack(args, peers=()):
     peer_rows(model, peers, times, fp32_bytes, base, output=lambda net: net(inputs["128 tok"]))
 
 
+def linear_seconds(model: nn.Module, batch: dict, args) -> float:
+    """Seconds (p50 sums) of ``model``'s matmul layers (``nn.Linear``, the kernels' layers), each timed alone on
+    the input it gets in the model's forward: their share of the whole forward, for an Amdahl ceiling."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | _KernelLinear)]
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach().clone())) for m in layers]
+    try:
+        with torch.inference_mode():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    total = 0.0
+    for layer, x in seen.items():
+
+        def run(layer=layer, x=x):
+            with torch.inference_mode():
+                layer(x)
+
+        total += measure(run, warmup=3, min_run_time=args.min_run_time / 4, threads=args.threads)["p50"] / 1e3
+    return total
+
+
+def amdahl_ceiling(model_s: float, fp32_linears_s: float, kernel_linears_s: float) -> tuple[float, float]:
+    """(the whole model's speedup if only its Linears ran at the kernels' speed, the speedup if they cost
+    nothing): everything else (attention, softmax, norms, embeddings) stays at its FP32 time in both."""
+    rest = model_s - fp32_linears_s
+    return model_s / (rest + kernel_linears_s), model_s / rest
+
+
 def minilm(args, peers=()):
     """The default encoder, one 128-token sequence: FP32 beside the WxA8 rows (int8-gemm); weight-only in DESIGN.md."""
     import os
@@ -359,6 +389,8 @@ def minilm(args, peers=()):
     _header(f"MiniLM-L6 forward (classifier FP32), {args.threads} threads", ["1 x 128"])
     base = times(model)
     _row("FP32", "fp32", fp32_bytes, fp32_bytes, base, None)
+    model_s, fp32_linears_s = base["1 x 128"]["p50"] / 1e3, linear_seconds(model, batch, args)
+    print(f"    Linears timed alone: {fp32_linears_s * 1e3:.2f} ms, {fp32_linears_s / model_s:.0%} of the forward")
     for name, spec in VARIANTS.items():
         if not spec.a_bits:
             continue  # short to run: the weight-only kernels are on the Linear stack and SmolLM2
@@ -371,6 +403,13 @@ def minilm(args, peers=()):
             err = ((fast.bert(**batch).last_hidden_state - ref).norm() / ref.norm()).item()
         _row(name, kernel_label(kernels), nbytes, fp32_bytes, times(fast), base)
         print(f"    last hidden state rel. error vs fake-quant {err:.1e} (codes at a rounding boundary flip)")
+        kernel_linears_s = linear_seconds(fast, batch, args)
+        ceiling, free = amdahl_ceiling(model_s, fp32_linears_s, kernel_linears_s)
+        print(
+            f"    its Linears alone (activation quantization included): {kernel_linears_s * 1e3:.2f} ms"
+            f" (x{fp32_linears_s / kernel_linears_s:.2f} of FP32's); with the rest at FP32 speed the model reaches"
+            f" at most x{ceiling:.2f} (x{free:.2f} if the Linears cost nothing)"
+        )
         del q, fast
     peer_rows(  # the activation-quantized peers, as ours above
         model,

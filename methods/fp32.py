@@ -8,6 +8,7 @@ class FP32(Method):
     description = "full-precision reference (no quantization)"
     data_used = "none"
     role = "reference"
+    changes_model = False
 
     def quantize(self, model, spec, context):
         return model

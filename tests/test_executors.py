@@ -199,3 +199,31 @@ def test_the_groups_last_cell_takes_the_fp_model_and_the_others_copy_it(monkeypa
     runner = CellRunner.__new__(CellRunner)
     assert [cell for cell, _ in runner.run_group(["a", "b", "c"])] == ["a", "b", "c"]
     assert seen == [("a", False, True), ("b", False, True), ("c", True, True)]
+
+
+def test_the_reference_cell_borrows_the_fp_model_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """Memory: the FP32 cell measures the group's FP model itself, not a copy, and the cells after it see that
+    model bit for bit as a run without the reference does (its sharpness perturbed the weights in place)."""
+    import copy
+    import types
+
+    from bench import cell
+
+    copies = []
+
+    def counted(obj, *args):
+        copies.append(type(obj).__name__)
+        return copy.deepcopy(obj, *args)
+
+    monkeypatch.setattr(cell, "copy", types.SimpleNamespace(deepcopy=counted))
+    measured = [a for a in TINY if a != "--no-sharpness"]
+    grid = ["run", "--methods", "rtn", "--bits", "4,8", *measured]
+    assert main([*grid, "--out", str(tmp_path / "with")]) == 0
+    assert copies == ["BertForSequenceClassification"]  # fp32 borrows, the middle cell copies, the last takes it
+    assert main([*grid, "--no-reference", "--out", str(tmp_path / "without")]) == 0
+
+    def measures(run_dir):
+        return {r["bits"]: (r["score"], r["sharpness"]["value"]) for r in _rows(run_dir) if r["method"] == "rtn"}
+
+    assert measures(tmp_path / "with") == measures(tmp_path / "without")
+    assert {r["method"] for r in _rows(tmp_path / "with")} == {"fp32", "rtn"}
