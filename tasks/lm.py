@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from bench import hookimpl, hub
@@ -119,7 +120,12 @@ class PerplexityTask(Task):
         )
 
     def loss(self, model, batch) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        """Mean next-token NLL of the batch (labels = the inputs): Hugging Face's ``labels=`` loss, computed by
+        ``chunked_lm_loss`` where that gives the same value (see there)."""
+        ids = batch["input_ids"]
+        if ids.numel() * model.config.vocab_size >= CHUNKED_LOSS_ABOVE and _chunks_agree(model, ids):
+            return chunked_lm_loss(model, ids)
+        return model(input_ids=ids, labels=ids).loss
 
     def _train_windows(self, tokenizer, data, recipe, seed: int, examples: int | None) -> torch.Tensor:
         """Starts of a seeded choice of at most ``examples`` (None or 0: all) non-overlapping training windows."""
@@ -182,6 +188,60 @@ def scored_nll(logits: torch.Tensor, targets: torch.Tensor, scored: int) -> floa
         chunk = logits[start : start + NLL_CHUNK].float()
         total += F.cross_entropy(chunk, targets[start : start + NLL_CHUNK], reduction="sum").item()
     return total
+
+
+# logits elements of a batch (positions x vocab) from which the loss is chunked: SmolLM2's 512-token window has 25M
+CHUNKED_LOSS_ABOVE = 4_000_000
+_agrees: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether chunked_lm_loss matches its own
+
+
+def _head_input(model, ids: torch.Tensor) -> torch.Tensor:
+    """What the model feeds its output layer for ``ids`` (batch x positions x hidden). The layer itself sees only
+    the last position meanwhile, so no batch-sized logits are made."""
+    seen = []
+
+    def last_position_only(module, args):
+        seen.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(last_position_only)
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _chunk_nll(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+def chunked_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token NLL of ``ids`` with the output layer and log-softmax run ``NLL_CHUNK`` positions at a
+    time under activation checkpointing, so that neither the forward nor the backward holds the batch's logits,
+    their log-softmax and its gradient at once (SmolLM2-135M, 512 positions: three 96 MiB tensors at the
+    sharpness phase's peak); the backward recomputes each chunk's logits instead."""
+    hidden, targets = _head_input(model, ids)[:, :-1], ids[:, 1:]
+    head = model.get_output_embeddings()
+    total = sum(
+        checkpoint(_chunk_nll, head, hidden[:, i : i + NLL_CHUNK], targets[:, i : i + NLL_CHUNK], use_reentrant=False)
+        for i in range(0, targets.shape[1], NLL_CHUNK)
+    )
+    return total / targets.numel()
+
+
+def _chunks_agree(model, ids: torch.Tensor) -> bool:
+    """Whether ``chunked_lm_loss`` gives the model's own ``labels=`` loss, checked once per model (without
+    gradients): architectures that transform the logits after the output layer (Gemma's soft-capping, scaled
+    logits) or shift labels otherwise keep their own loss."""
+    if model not in _agrees:
+        with torch.no_grad():
+            own = model(input_ids=ids, labels=ids).loss
+            agree = torch.allclose(chunked_lm_loss(model, ids), own, rtol=1e-5, atol=0.0)
+        if not agree:
+            log.info("%s: the chunked loss differs from the model's own; using its own", type(model).__name__)
+        _agrees[model] = bool(agree)
+    return _agrees[model]
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:

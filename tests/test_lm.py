@@ -146,3 +146,66 @@ def test_token_ids_are_cached_per_tokenizer_while_it_lives():
     del second
     gc.collect()
     assert len(task._ids) == 1  # a freed tokenizer's text is freed with it
+
+
+def _loss_and_grads(loss_fn, model, ids):
+    model.zero_grad()
+    loss = loss_fn(model, ids)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_lm_loss_equals_the_models_own_loss_and_gradients(monkeypatch, tied):
+    """The chunked, checkpointed head (several chunks, a ragged last one) gives Hugging Face's labels= loss and the
+    same gradients, a tied head's included."""
+    from tiny import llama_config
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(lm_module, "NLL_CHUNK", 5)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=tied)).eval()
+    ids = torch.randint(0, 30522, (2, 23))
+    own, own_grads = _loss_and_grads(lambda m, x: m(input_ids=x, labels=x).loss, model, ids)
+    mine, my_grads = _loss_and_grads(lm_module.chunked_lm_loss, model, ids)
+    assert mine == pytest.approx(own, rel=1e-5)
+    assert len(my_grads) == len(own_grads)
+    for a, b in zip(my_grads, own_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_task_loss_chunks_where_it_agrees_and_keeps_a_soft_capped_models_own(monkeypatch):
+    """Gemma 2 soft-caps its logits after the output layer: chunking that layer alone would score other logits,
+    so its own loss is kept; a Llama's is chunked (the chunked function runs)."""
+    from tiny import llama_config
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+
+    monkeypatch.setattr(lm_module, "CHUNKED_LOSS_ABOVE", 0)
+    calls = []
+    chunked = lm_module.chunked_lm_loss
+    monkeypatch.setattr(lm_module, "chunked_lm_loss", lambda m, x: calls.append(type(m).__name__) or chunked(m, x))
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            final_logit_softcapping=0.5,
+        )
+    ).eval()
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(50)  # logits far beyond the cap (a random model's are near 0)
+    llama = LlamaForCausalLM(llama_config()).eval()
+    ids = torch.randint(0, 1000, (1, 12))
+    task = WikiText2()
+    for model in (gemma, llama):
+        with torch.no_grad():
+            assert task.loss(model, {"input_ids": ids}).item() == pytest.approx(
+                model(input_ids=ids, labels=ids).loss.item(), rel=1e-5
+            )
+    assert calls.count("Gemma2ForCausalLM") == 1  # the check only: then its own loss
+    assert calls.count("LlamaForCausalLM") == 2  # the check, then the loss
