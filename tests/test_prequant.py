@@ -145,3 +145,35 @@ def test_frozen_grid_is_cached_while_only_outliers_train():
     assert layer.base_quantized_weight() is first  # gradients on, but nothing under the grid trains
     layer.quantized_weight().sum().backward()
     assert layer.outlier_weight.grad is not None and layer.weight.grad is None
+
+
+@pytest.mark.parametrize("dim", [1, 0])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_training_the_slices_computes_the_same_function_and_gradients_with_less_arithmetic(dim, smoothed):
+    """The training forward (Q(W) x plus the slices' correction) equals the overwritten weight's, value and
+    gradients, and its forward + backward does about two of the three weight-sized products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.quant import DynamicActQuantizer
+
+    layer = _outlier_layer(dim=dim)
+    layer.act_quantizer = DynamicActQuantizer(8)
+    if smoothed:
+        layer.input_scale = torch.rand(64) + 0.5
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 5, 64)
+
+    def run(forward):
+        layer.outlier_weight.grad = None
+        xi = x.clone().requires_grad_(True)
+        with FlopCounterMode(display=False) as flops:
+            y = forward(xi)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        return y.detach(), xi.grad, layer.outlier_weight.grad.clone(), flops.get_total_flops()
+
+    y, gx, go, fast = run(layer)
+    y_ref, gx_ref, go_ref, slow = run(lambda xi: QuantLinear.forward(layer, xi))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(go, go_ref, rtol=1e-5, atol=1e-6)
+    assert fast < 0.8 * slow
