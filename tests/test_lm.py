@@ -177,7 +177,7 @@ def test_chunked_lm_loss_equals_the_models_own_loss_and_gradients(monkeypatch, t
 def test_the_task_loss_chunks_where_it_agrees_and_keeps_a_soft_capped_models_own(monkeypatch):
     """Gemma 2 soft-caps its logits after the output layer: chunking that layer alone would score other logits,
     so its own loss is kept; a Llama's is chunked (the chunked function runs)."""
-    from tiny import llama_config
+    from tiny import DECODER_FIELDS, llama_config
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
     monkeypatch.setattr(lm_module, "CHUNKED_LOSS_ABOVE", 0)
@@ -185,18 +185,8 @@ def test_the_task_loss_chunks_where_it_agrees_and_keeps_a_soft_capped_models_own
     chunked = lm_module.chunked_lm_loss
     monkeypatch.setattr(lm_module, "chunked_lm_loss", lambda m, x: calls.append(type(m).__name__) or chunked(m, x))
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            final_logit_softcapping=0.5,
-        )
-    ).eval()
+    fields = {**DECODER_FIELDS, "vocab_size": 1000, "head_dim": 8, "final_logit_softcapping": 0.5}
+    gemma = Gemma2ForCausalLM(Gemma2Config(**fields)).eval()
     with torch.no_grad():
         gemma.lm_head.weight.mul_(50)  # logits far beyond the cap (a random model's are near 0)
     llama = LlamaForCausalLM(llama_config()).eval()

@@ -44,19 +44,21 @@ def padded_batches(n: int, seed: int) -> list[dict]:
     return out
 
 
+# a 2-layer decoder with grouped-query attention and the bert-base-uncased vocabulary (any decoder config takes these)
+DECODER_FIELDS = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 def llama_config(**overrides) -> LlamaConfig:
-    """A 2-layer Llama config (grouped-query attention) with the bert-base-uncased vocabulary; ``overrides`` change
-    any field (a small vocabulary, a tied head)."""
-    fields = dict(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaConfig(**{**fields, **overrides})
+    """A tiny Llama config (``DECODER_FIELDS``); ``overrides`` change any field (a small vocabulary, a tied head)."""
+    return LlamaConfig(**{**DECODER_FIELDS, **overrides})
 
 
 def tiny_llama(seed: int = 0):
