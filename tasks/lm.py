@@ -123,7 +123,8 @@ class PerplexityTask(Task):
         """Mean next-token NLL of the batch (labels = the inputs): Hugging Face's ``labels=`` loss, computed by
         ``chunked_lm_loss`` where that gives the same value (see there)."""
         ids = batch["input_ids"]
-        if ids.numel() * model.config.vocab_size >= CHUNKED_LOSS_ABOVE and _chunks_agree(model, ids):
+        large = ids.numel() * model.config.vocab_size >= CHUNKED_LOSS_ABOVE
+        if large and model.get_output_embeddings() is not None and _chunks_agree(model, ids):
             return chunked_lm_loss(model, ids)
         return model(input_ids=ids, labels=ids).loss
 
