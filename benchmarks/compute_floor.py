@@ -11,7 +11,8 @@ floor and a measured run is what kernels and code could still win.
 
 How:
 - The GEMM rate: FP32 ``torch.mm`` on a few shapes (MiniLM's and square ones), ``--threads`` threads, p50 of
-  ``torch.utils.benchmark``; the best shape's rate is used, so the floor is generous.
+  ``bench.metrics.latency.measure`` (the timer every latency figure uses); the best shape's rate is used, so
+  the floor is generous.
 - The FLOPs: the grid (the design card's, ``bench run --methods zsaq,prequant --bits 2,4``, cold: a fresh
   fine-tune cache) runs twice in this process at 1/scale and 1/(2 scale) of its budgets (fine-tune and
   PreQuant examples, ZSAQ steps), with ``torch.utils.flop_counter.FlopCounterMode`` around every phase of
@@ -40,29 +41,30 @@ import torch
 from bench.methods.zsaq import ZeroShotConfig
 from bench.tasks.glue import GlueRecipe
 from tabulate import tabulate
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import cli
 from bench.metrics import memory
-from bench.metrics.memory import PHASES, busy_elsewhere
+from bench.metrics.latency import measure
+from bench.metrics.memory import PHASES
 
 GRID = ["--methods", "zsaq,prequant", "--bits", "2,4"]  # the design card's command
 SHAPES = ((512, 384, 1536), (512, 1536, 384), (2048, 384, 384), (1024, 1024, 1024), (2048, 2048, 2048))
 
 
-def gemm_rate(threads: int) -> tuple[float, list[list]]:
-    """The best FP32 GEMM rate (FLOP/s) over ``SHAPES``, and a table of every shape's."""
-    torch.set_num_threads(threads)
-    table, best = [], 0.0
+def gemm_rate(threads: int) -> tuple[float, list[list], float | None]:
+    """The best FP32 GEMM rate (FLOP/s) over ``SHAPES``, a table of every shape's, and the most cores other
+    processes kept busy while one was timed (``measure``'s ``others_cores``)."""
+    table, best, busy = [], 0.0, None
     for m, k, n in SHAPES:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        timer = Timer("torch.mm(a, b)", globals={"a": a, "b": b, "torch": torch}, num_threads=threads)
-        seconds = timer.blocked_autorange(min_run_time=1.0).median
-        rate = 2 * m * k * n / seconds
+        stats = measure(lambda a=a, b=b: torch.mm(a, b), min_run_time=1.0, threads=threads)
+        rate = 2 * m * k * n / (stats["p50"] / 1e3)
         best = max(best, rate)
-        table.append([f"{m} x {k} @ {k} x {n}", f"{seconds * 1e3:.2f}", f"{rate / 1e9:.1f}"])
-    return best, table
+        if stats["others_cores"] is not None:
+            busy = max(busy or 0.0, stats["others_cores"])
+        table.append([f"{m} x {k} @ {k} x {n}", f"{stats['p50']:.2f}", f"{rate / 1e9:.1f}"])
+    return best, table, busy
 
 
 @contextlib.contextmanager
@@ -152,19 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             args.flops.write_text(json.dumps(counted, indent=1))
     full = full_budget_flops(counted["small"], counted["half"], counted["scale"])
 
-    with busy_elsewhere() as load:
-        rate, shapes = gemm_rate(args.threads)
+    rate, shapes, busy = gemm_rate(args.threads)
     print(tabulate(shapes, headers=["FP32 GEMM", "p50 ms", "GFLOP/s"], tablefmt="github"))
     print(f"\nbest rate: {rate / 1e9:.1f} GFLOP/s on {args.threads} threads", end="")
-    busy = load["others_cores"]
-    print(f" (other processes kept {busy:.2f} cores busy meanwhile)\n" if busy is not None else "\n")
-    # the fine-tune runs once per seed group: the FP32 cell's prepare is it, the other cells' reuse the model
+    print(f" (other processes kept up to {busy:.2f} cores busy meanwhile)\n" if busy is not None else "\n")
     measured = measured_seconds(args.measured)
 
     table, total_floor, total_measured = [], 0.0, 0.0
     for label, phases in full.items():
         for phase in PHASES:
             flops = phases.get(phase)
+            # the fine-tune runs once per seed group: the FP32 cell's prepare is it, the other cells reuse the model
             if not flops or (phase == "prepare" and not label.startswith("fp32")):
                 continue
             floor = flops / rate

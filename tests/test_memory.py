@@ -32,12 +32,16 @@ def test_each_phase_has_its_own_peak():
     assert set(timing["others_cores"]) == {"heavy", "light"}
 
 
+def _rss_mb() -> float:
+    """This process's current RSS (MiB), from /proc/self/status."""
+    status = open("/proc/self/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
 def test_peak_is_at_least_the_current_rss():
     reset_peak_rss()
-    with open("/proc/self/status") if sys.platform.startswith("linux") else open(__file__) as status:
-        current = [int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")]
-    if current:
-        assert peak_rss_mb() >= current[0] - 1
+    assert peak_rss_mb() >= _rss_mb() - 1
 
 
 def test_copy_continues_the_phases_without_changing_the_original():
@@ -94,11 +98,6 @@ def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monke
     assert busy_seconds() == pytest.approx((400 + 100 + 200 + 10 + 20 + 30) / hz)  # idle, iowait, guests out
     monkeypatch.setattr(memory, "_PROC_STAT", str(tmp_path / "absent"))
     assert busy_seconds() is None
-
-
-def _rss_mb() -> float:
-    status = open("/proc/self/status").read()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, /proc/self/status")
