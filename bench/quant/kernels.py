@@ -62,7 +62,14 @@ from torch import nn
 
 from bench.quant.act_static import StaticActQuantizer
 from bench.quant.export import QuantizedWeight, is_packable, quantize_linear
-from bench.quant.layers import DynamicActQuantizer, OutlierQuantLinear, QuantLinear, QuantTiedHead, replace_module
+from bench.quant.layers import (
+    DynamicActQuantizer,
+    OutlierQuantLinear,
+    QuantLinear,
+    QuantTiedHead,
+    outlier_corrected,
+    replace_module,
+)
 from bench.quant.uniform import QParams, compute_qparams, group_view, ungroup
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu (torch 2.13)
@@ -348,11 +355,8 @@ class OutlierCorrected(nn.Module):
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
         xs = x if self.input_scale is None else x / self.input_scale
-        if self.dim == 1:
-            return y + nn.functional.linear(xs.index_select(-1, self.index), self.delta)
-        return y.index_add(-1, self.index, nn.functional.linear(xs, self.delta))
+        return outlier_corrected(self.inner(x), xs, self.index, self.delta, self.dim)
 
 
 def kernel_for(layer: nn.Module) -> nn.Module:

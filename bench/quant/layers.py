@@ -229,10 +229,7 @@ class OutlierQuantLinear(QuantLinear):
         x = self.act_quantizer(x)
         base = self.base_quantized_weight()
         delta = self.outlier_weight - base.detach().index_select(self.dim, self.outlier_index)
-        y = nn.functional.linear(x, base, self.bias)
-        if self.dim == 1:
-            return y + nn.functional.linear(x.index_select(-1, self.outlier_index), delta)
-        return y.index_add(-1, self.outlier_index, nn.functional.linear(x, delta))
+        return outlier_corrected(nn.functional.linear(x, base, self.bias), x, self.outlier_index, delta, self.dim)
 
     def outlier_delta(self) -> torch.Tensor:
         """Full-precision slices minus their quantized values: the correction a real kernel adds."""
@@ -242,6 +239,15 @@ class OutlierQuantLinear(QuantLinear):
     def extra_repr(self) -> str:
         kind = "columns" if self.dim == 1 else "rows"
         return f"in_features={self.in_features}, out_features={self.out_features}, fp {kind}={len(self.outlier_index)}"
+
+
+def outlier_corrected(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, dim: int):
+    """``y`` (the input ``x`` times the quantized weight) plus the outlier slices' difference ``delta`` from their
+    quantized values: x[..., index] @ delta^T for columns (dim 1), added at the rows' outputs for rows (dim 0). The
+    one arithmetic of PreQuant's slice training and of the real kernels' ``OutlierCorrected``."""
+    if dim == 1:
+        return y + nn.functional.linear(x.index_select(-1, index), delta)
+    return y.index_add(-1, index, nn.functional.linear(x, delta))
 
 
 class QuantEmbedding(nn.Module):
