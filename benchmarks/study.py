@@ -87,6 +87,7 @@ CLAIMS = (
             ("--methods", "zsaq,gan", "--bits", "2", *SEEDS),
             ("--methods", "zsaq", "--bits", "4", "--set", "zsaq.train_generator=false", *SEEDS),
             ("--methods", "zsaq", "--bits", "4", "--set", "zsaq.inputs=random", *SEEDS),
+            ("--methods", "zsaq", "--bits", "4", "--sweep", "zsaq.steps=240", *SEEDS),  # the budget question
         ),
         (
             Test("zsaq", "gan", "W4A8"),
@@ -97,6 +98,8 @@ CLAIMS = (
             Test("zsaq", "gan", "W2A8", "sharpness"),
             Test("zsaq", "zsaq[train_generator=False]", "W4A8"),
             Test("zsaq", "zsaq[inputs=random]", "W4A8"),
+            Test("zsaq[steps=240]", "rtn", "W4A8"),
+            Test("zsaq[steps=240]", "zsaq", "W4A8"),
         ),
         "CPU budget: 60 student steps of 16 x 32 synthetic tokens, bert-tiny generator (the paper: OPT-350m, "
         "thousands of steps; `--set zsaq.preset=paper` on a GPU). gan is the same loop without SAM. The committed "
@@ -114,10 +117,9 @@ CLAIMS = (
             *(Test("squat", "lsq", f"W{b}A8", "sharpness") for b in (4, 3, 2)),
             *(Test("squat", "lsq", f"W{b}A8", margin=0.5) for b in (4, 3, 2)),
         ),
-        "Both at one budget: 1,500 labeled examples, one epoch, KD from the FP32 model. Seeds 0 and 1 so far (seed 2 "
-        "resumes with the command). Seed 0's W3/W2 SQuAT cells were paused or shared the cores while other jobs "
-        "measured: their method s and p50 ms are marked † and are no speed figures; scores and sharpness do not "
-        "depend on the load.",
+        "Both at one budget: 1,500 labeled examples, one epoch, KD from the FP32 model. Seed 0's W3/W2 SQuAT cells "
+        "were paused or shared the cores while other jobs measured: their method s and p50 ms are marked † and are "
+        "no speed figures; scores and sharpness do not depend on the load.",
     ),
     Claim(
         "prequant-minilm",
@@ -320,6 +322,32 @@ def cell_seconds(rows: list[dict]) -> float:
     return sum(r.get("wall_time_s") or 0.0 for r in rows) + sum(prepares.values())
 
 
+def in_words(out: Outcome, unit: str) -> str:
+    """One test's outcome as a sentence: the mean paired difference, on how many seeds the claim held, the verdict.
+    ``unit``: what the difference is counted in ("points", "perplexity", "sharpness")."""
+    test = out.test
+    if not out.n:
+        return f"{test.text()}: not run yet."
+    digits = 4 if test.measure == "sharpness" else 2
+    mean = float(np.mean(out.better))
+    way = ("flatter" if mean > 0 else "sharper") if test.measure == "sharpness" else ("better" if mean > 0 else "worse")
+    held = int((np.asarray(out.better) + test.margin > 0).sum())
+    allowed = f" ({test.margin:g} allowed)" if test.margin else ""
+    by = f"{abs(mean):.{digits}f}" + (f" ± {float(np.std(out.better, ddof=1)):.{digits}f}" if out.n > 1 else "")
+    return (
+        f"{test.contender} is {way} than {test.rival} at {test.bits} by {by} {unit}{allowed}; the claim held on "
+        f"{held} of {out.n} seed{'s' if out.n > 1 else ''}: **{out.verdict}**."
+    )
+
+
+def unit_of(test: Test, rows: list[dict]) -> str:
+    if test.measure == "sharpness":
+        return "in sharpness"
+    if all(s.percent for s in leaderboard.scoring(rows).values()):
+        return "points"
+    return "in " + "/".join(sorted({r["primary_metric"] for r in rows}))
+
+
 def readme(claims: list[Claim], rows: dict[str, list[dict]] | None = None) -> str:
     """The page: the verdict table, then one section per study; ``rows`` by study name (default: read them)."""
     rows = rows if rows is not None else {claim.name: rows_of(claim) for claim in claims}
@@ -341,7 +369,8 @@ def readme(claims: list[Claim], rows: dict[str, list[dict]] | None = None) -> st
     ]
     sections = []
     for claim in claims:
-        for out in measure(claim, rows[claim.name]):
+        outcomes = measure(claim, rows[claim.name])
+        for out in outcomes:
             digits = 4 if out.test.measure == "sharpness" else 2
             lines.append(
                 f"| [{claim.name}](#{claim.name}) | {out.test.text()} | {out.n} | {fmt(out.contender, digits)} | "
@@ -350,6 +379,10 @@ def readme(claims: list[Claim], rows: dict[str, list[dict]] | None = None) -> st
         sections += [f"## {claim.name}", "", f"**{claim.title}.** {claim.paper}", ""]
         if claim.notes:
             sections += [claim.notes, ""]
+        if rows[claim.name]:
+            sections += ["What we measured (paired by seed, mean ± std of the per-seed differences):", ""]
+            sections += [f"- {in_words(o, unit_of(o.test, rows[claim.name]))}" for o in outcomes]
+            sections += [""]
         sections += ["Commands (each resumes; `make study` runs them all):", "", "```"]
         sections += [shown(bench_command(claim, args)) for args in claim.runs]
         sections += ["```", ""]

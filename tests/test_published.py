@@ -87,6 +87,28 @@ def test_paired_differences_respect_the_metrics_direction():
     assert out.seeds == [0, 1] and out.better == pytest.approx([2.0, 1.5]) and out.verdict == "reproduced"
 
 
+@pytest.mark.parametrize(
+    ("test", "better", "expected"),
+    [
+        (
+            study.Test("zsaq", "rtn", "W4A8"),
+            [-1.0, -1.5, -0.5],
+            "zsaq is worse than rtn at W4A8 by 1.00 ± 0.50 points; the claim held on 0 of 3 seeds: **not reproduced**.",
+        ),
+        (  # the sign of the mean, not of each seed: a mean of magnitudes would read 1.00 here
+            study.Test("squat", "lsq", "W2A8", margin=0.5),
+            [1.0, -1.0, 0.6],
+            "squat is better than lsq at W2A8 by 0.20 ± 1.06 points (0.5 allowed); the claim held on 2 of 3 seeds: "
+            "**inconclusive**.",
+        ),
+        (study.Test("zsaq", "gan", "W4A8", "sharpness"), [], "zsaq flatter than gan at W4A8: not run yet."),
+    ],
+)
+def test_each_outcome_is_said_in_words(test, better, expected):
+    out = study.Outcome(test, seeds=list(range(len(better))), better=better)
+    assert study.in_words(out, "points") == expected
+
+
 def _labels_run_by(claim) -> set[str]:
     """The leaderboard labels a claim's runs produce: each method as `bench run` names its variant (the settings
     that differ from its defaults, as bench.grid writes them), plus the reference and the baseline."""
