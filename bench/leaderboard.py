@@ -474,7 +474,8 @@ def build(
     board.notes = _notes(rows, failed, scored_as)
     if duplicated.any():
         board.notes.append(
-            "some cells were run with different eval limits or task recipes; the newest row of each is shown"
+            "some cells have several rows (run with different eval limits, task recipes or a plugin's settings as an "
+            "older version defined them); the newest row of each is shown"
         )
     board.provenance = _provenance(rows, run_dirs)
     return board

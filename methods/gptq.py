@@ -7,7 +7,8 @@ from block to block (``bench.quant.calibration.blockwise``), not recomputed from
 blocks (BERT's pooler, a decoder's input projection) are quantized in the same execution order: those
 that run before the first block first, the rest last.
 
-The grid is the cell's ``QuantSpec`` grid with static groups (see ``methods._gptq_solver``); ``clip`` picks its
+The grid is the cell's ``QuantSpec`` grid, per-group grids dynamic as in the reference code unless act-order
+(see ``methods._gptq_solver``); ``clip`` picks its
 range like RTN's (``--set gptq.clip=mse`` is GPTQ's own shrink search). Activations are quantized (A-bits)
 in the forward as usual, but the Hessian is built from the float input of each layer, as GPTQ does.
 """
@@ -35,15 +36,23 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    # per-group grids: None = the reference code's (dynamic: each group gridded on its error-updated columns;
+    # static with act-order), True = every group's grid from the original weight (AutoGPTQ's static_groups)
+    static_groups: bool | None = None
     clip: Literal["minmax", "mse"] = "minmax"
 
     def __post_init__(self):
         check_range(self, 1, None, "n_samples", "block_size")
         check_range(self, 0, None, "damp")
+        if self.act_order and self.static_groups is False:
+            raise ValueError(
+                "static_groups=False: act_order=True needs static groups (the quantized layer stores groups of "
+                "contiguous columns); leave static_groups unset or true"
+            )
 
 
 class GPTQ(Method):
-    description = "GPTQ: column-wise second-order PTQ with calibration Hessians (static groups, optional act-order)"
+    description = "GPTQ: column-wise second-order PTQ with calibration Hessians (dynamic groups, optional act-order)"
     data_used = "calibration"
     Config = GPTQConfig
 
@@ -78,7 +87,14 @@ class GPTQ(Method):
             hessian = hessians.hessian(name)
             if hessian is None:
                 continue  # never ran on calibration data: left to the final freeze (RTN on its grid)
-            gptq_layer(layer, hessian, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
+            gptq_layer(
+                layer,
+                hessian,
+                block_size=cfg.block_size,
+                damp=cfg.damp,
+                act_order=cfg.act_order,
+                static_groups=cfg.static_groups,
+            )
 
 
 def _quant_layers(module: nn.Module, prefix: str = "") -> dict[str, QuantLinear]:

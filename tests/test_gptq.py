@@ -104,10 +104,12 @@ def test_result_lies_on_frozen_grid(granularity, symmetric, act_order):
     assert codes.min() >= qp.qmin and codes.max() <= qp.qmax
 
 
-def _reference_gptq(w, h, spec, damp=0.01, act_order=False):
-    """The unoptimized GPTQ: one column at a time, update every remaining column at once, no blocks."""
+def _reference_gptq(w, h, spec, damp=0.01, act_order=False, dynamic=False):
+    """The unoptimized GPTQ: one column at a time, update every remaining column at once, no blocks. ``dynamic``:
+    each group's grid from its columns as they are when the loop reaches the group (the reference code's)."""
     w = w.clone().float()
-    qp = WeightQuantizer(spec).qparams(w)
+    quantizer = WeightQuantizer(spec)
+    qp = quantizer.qparams(w)
     scale = _entrywise(qp.scale, w, spec)
     zero = _entrywise(qp.zero_point, w, spec)
     h = h.double().clone()
@@ -120,6 +122,10 @@ def _reference_gptq(w, h, spec, damp=0.01, act_order=False):
     hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True).float()
     q = torch.zeros_like(w)
     for i in range(w.shape[1]):
+        if dynamic and i % spec.group_size == 0:
+            group = quantizer.qparams(w[:, i : i + spec.group_size])
+            scale[:, i : i + spec.group_size] = group.scale.reshape(-1, 1)
+            zero[:, i : i + spec.group_size] = group.zero_point.reshape(-1, 1)
         codes = torch.clamp(torch.round(w[:, i] / scale[:, i]) + zero[:, i], qp.qmin, qp.qmax)
         q[:, i] = (codes - zero[:, i]) * scale[:, i]
         err = (w[:, i] - q[:, i]) / hinv[i, i]
@@ -130,9 +136,9 @@ def _reference_gptq(w, h, spec, damp=0.01, act_order=False):
 def _entrywise(per_row, w, spec):
     """Scale/zero per (out, in) entry, by reading back which group each column falls into."""
     if spec.granularity == "per-tensor":
-        return per_row.reshape(1, 1).expand_as(w)
+        return per_row.reshape(1, 1).expand_as(w).clone()
     if spec.granularity == "per-channel":
-        return per_row.reshape(-1, 1).expand_as(w)
+        return per_row.reshape(-1, 1).expand_as(w).clone()
     groups = -(-w.shape[1] // spec.group_size)
     index = torch.arange(w.shape[1]) // spec.group_size
     return per_row.reshape(w.shape[0], groups)[:, index]
@@ -148,10 +154,39 @@ def test_blocked_matches_plain_reference(granularity, act_order, features):
     h = _hessian(x)
     w = _linear(features=features).weight.detach()
     qp = WeightQuantizer(spec).qparams(w)
-    ours = gptq_quantize(w, h, qp, granularity, 16, block_size=16, act_order=act_order)
+    ours, grid = gptq_quantize(w, h, qp, granularity, 16, block_size=16, act_order=act_order)
     ref = _reference_gptq(w, h, spec, act_order=act_order)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     assert torch.all(ours[:, 5] == 0)
+    assert grid is qp  # static: the grid it was given
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 128])  # 24: groups that start mid-block and run past its end
+@pytest.mark.parametrize("features", [64, 72])
+def test_dynamic_groups_match_plain_reference(block_size, features):
+    """Each group gridded on its error-updated columns, as the unblocked loop has them, whatever the blocks."""
+    spec = QuantSpec(3, granularity="per-group", group_size=16)
+    x = _correlated_inputs(features=features)
+    h = _hessian(x)
+    w = _linear(features=features).weight.detach()
+    quantizer = WeightQuantizer(spec)
+    ours, grid = gptq_quantize(
+        w, h, quantizer.qparams(w), "per-group", 16, block_size=block_size, regroup=quantizer.qparams
+    )
+    ref = _reference_gptq(w, h, spec, dynamic=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    static, _ = gptq_quantize(w, h, quantizer.qparams(w), "per-group", 16, block_size=block_size)
+    assert not torch.allclose(ours, static, atol=1e-3)  # the grids moved: a test that static groups would fail
+    codes = quantize_int(group_view(ours, "per-group", 16), grid)  # the returned grid is the one it lies on
+    torch.testing.assert_close(codes.float() * grid.scale, group_view(ours, "per-group", 16), rtol=0, atol=1e-5)
+
+
+def test_act_order_needs_static_groups():
+    with pytest.raises(ValueError, match="static_groups=False"):
+        GPTQConfig(act_order=True, static_groups=False)
+    layer = _quantlinear(SPECS["per-group"])
+    with pytest.raises(ValueError, match="static groups"):
+        gptq_layer(layer, torch.eye(64), act_order=True, static_groups=False)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -294,7 +329,7 @@ def test_sequential_pass_uses_quantized_earlier_blocks():
     acc = HessianAccumulator(32)
     stream_inputs(manual, batches, {"q": query}, lambda _n, x: acc.add(x), stop_after=manual.bert.encoder.layer[1])
     w = _tiny_bert().bert.encoder.layer[1].attention.self.query.weight.detach()
-    expected = gptq_quantize(w, acc.hessian, WeightQuantizer(spec).qparams(w), "per-channel", 128, block_size=16)
+    expected, _ = gptq_quantize(w, acc.hessian, WeightQuantizer(spec).qparams(w), "per-channel", 128, block_size=16)
     torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.query.weight.detach(), expected)
 
 

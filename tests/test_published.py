@@ -87,6 +87,21 @@ def test_paired_differences_respect_the_metrics_direction():
     assert out.seeds == [0, 1] and out.better == pytest.approx([2.0, 1.5]) and out.verdict == "reproduced"
 
 
+def test_a_cell_rerun_under_a_newer_config_supersedes_the_old_row():
+    """A plugin whose settings gained a field (gptq.static_groups) reruns its cells under new keys; the study,
+    like the table, reads the newest row of each (label, grid, task, seed), whatever order the file has them in."""
+    from tests.tiny import result_row
+
+    rows = [
+        result_row(method="gptq", bits="W4A32", task="wikitext2", score=18.0, finished="2026-12-01T04:00"),  # new
+        result_row(method="gptq", bits="W4A32", task="wikitext2", score=23.0, finished="2026-11-30T21:00"),  # old
+        result_row(method="rtn", bits="W4A32", task="wikitext2", score=22.0),
+    ]
+    claim = study.Claim("x", "x", "x", (), (study.Test("gptq", "rtn", "W4A32"),))
+    (out,) = study.measure(claim, rows)
+    assert out.contender == [18.0]
+
+
 @pytest.mark.parametrize(
     ("test", "better", "expected"),
     [
