@@ -340,7 +340,7 @@ def cell_seconds(rows: list[dict]) -> float:
 
 def in_words(out: Outcome, unit: str) -> str:
     """One test's outcome as a sentence: the mean paired difference, on how many seeds the claim held, the verdict.
-    ``unit``: what the difference is counted in ("points", "perplexity", "sharpness")."""
+    ``unit``: what the difference is counted in ("points", "in perplexity", "in sharpness": ``unit_of``)."""
     test = out.test
     if not out.n:
         return f"{test.text()}: not run yet."
