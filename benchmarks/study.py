@@ -72,7 +72,13 @@ SEEDS = ("--seeds", "0,1,2")
 # sharpness on a 135M decoder costs minutes a cell on 2 cores; a full WikiText-2 evaluation ~8 minutes: the first 8
 # windows of 2048 tokens (16,384 scored tokens) are the same text for every cell, so paired differences stay fair
 LM = ("--model", "smollm2-135m", "--no-sharpness", "--limit", "8")
-LM_NOTE = "Perplexity on the test text's first 8 windows of 2048 tokens (16,384 tokens, `--limit 8`); no sharpness."
+LM_NOTE = (
+    "Perplexity on the test text's first 8 windows of 2048 tokens (16,384 tokens, `--limit 8`); no sharpness. The "
+    "offline SmolLM2 is a Q4_1 GGUF: every group of 32 weights of every block Linear is already on an asymmetric "
+    "4-bit min-max grid (re-rounding it to that grid changes no weight; the embedding, tied to the LM head, is Q8_0; "
+    "`tests/test_sources.py`), so its FP32 row is a 4-bit model in float storage and W4 here re-quantizes a 4-bit "
+    "model onto a coarser grid (g128); the hub's float weights may rank the methods differently."
+)
 
 CLAIMS = (
     Claim(

@@ -59,3 +59,31 @@ def test_hub_failure_falls_back_to_the_twin_loudly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BenchError, match="ptb has no offline source; it needs the hub"):
         hub.hub_or_offline("ptb", "ptb_text_only", unreachable, None)
+
+
+def test_the_offline_smollm2_is_a_4bit_model_in_float_storage():
+    """The published decoder studies say so (their FP32 row is a Q4_1 model): every block Linear is stored as Q4_1,
+    each group of 32 weights on its own asymmetric 16-level min-max grid, so re-rounding to that grid changes
+    nothing, while the W4 g128 grid the studies use does change it. Read from the GGUF file: loading the model
+    dequantizes the same values, and takes seconds longer."""
+    import gguf
+    import torch
+
+    from bench import hub
+    from bench.quant.uniform import fake_quantize
+
+    alias = models.ALIASES["smollm2-135m"]
+    reader = gguf.GGUFReader(hub.package_dir(alias.module) / alias.gguf_file)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    matmuls = [n for n in kinds if n.startswith("blk.") and not n.endswith("norm.weight")]
+    assert len(matmuls) == 30 * 7 and {kinds[n] for n in matmuls} == {"Q4_1"}
+    assert kinds["token_embd.weight"] == "Q8_0"  # the embedding (and the tied LM head) is 8-bit
+
+    stored = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    w = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type).copy())
+    groups = w.reshape(-1, 32)
+    lo, hi = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+    step = (hi - lo) / 15
+    torch.testing.assert_close(torch.round((groups - lo) / step) * step + lo, groups)
+    w4 = fake_quantize(w, 4, granularity="per-group", group_size=128)
+    assert (w4 - w).norm() > 0.05 * w.norm()
