@@ -48,6 +48,26 @@ def test_bench_leaderboard_re_renders_the_committed_table(claim, fmt, tmp_path, 
         assert _unstamped(out.read_text()) == _unstamped(committed)
 
 
+def test_re_rendering_the_same_rows_rewrites_no_file(tmp_path, monkeypatch):
+    """Only the "rendered" time would differ: the study keeps the committed one, so `make leaderboard` after new rows
+    of one study leaves the others' files alone; one row more or less, and the table takes the new time."""
+    monkeypatch.chdir(ROOT)
+    claim = STUDIES[0]
+    committed = json.loads((ROOT / claim.run_dir / "leaderboard.json").read_text())["provenance"]["rendered"]
+    ok, failed = study.collected(claim)
+    for fmt in study.FORMATS:
+        (tmp_path / f"leaderboard.{fmt}").write_bytes((ROOT / claim.run_dir / f"leaderboard.{fmt}").read_bytes())
+
+    same = study.leaderboard.build(ok, failed, [str(claim.run_dir)])
+    study.keep_stamp(same, tmp_path)
+    assert same.provenance["rendered"] == committed
+
+    fewer = study.leaderboard.build(ok[1:], failed, [str(claim.run_dir)])
+    now = fewer.provenance["rendered"]
+    study.keep_stamp(fewer, tmp_path)
+    assert fewer.provenance["rendered"] == now != committed
+
+
 def test_readme_verdicts_come_from_the_committed_rows(monkeypatch):
     monkeypatch.chdir(ROOT)
     committed = (ROOT / study.PUBLISHED / "README.md").read_text()
