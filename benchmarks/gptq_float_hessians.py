@@ -20,11 +20,11 @@ contains it (``!P``: does not contain it), RTN on every other, to find the layer
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 from bench.methods._gptq_solver import HessianAccumulator, gptq_quantize
+from bench.tasks.lm import perplexity
 
 from bench import plugins
 from bench.api import QuantSpec
@@ -46,7 +46,7 @@ def hessians(
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Per K in ``skips``: each layer's Hessian over the calibration tokens, the first K positions of every window
     left out (one forward pass for all K); ``first_weight`` counts each window's first kept position that many
-    times."""
+    times. Its own hooks, not ``calibration.stream_inputs``: that one flattens the positions away."""
     acc: dict[int, dict[str, HessianAccumulator]] = {k: {} for k in skips}
 
     def hook(name):
@@ -70,17 +70,6 @@ def hessians(
     return {k: {name: a.hessian for name, a in by_layer.items()} for k, by_layer in acc.items()}
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, windows: int, seq_len: int = 2048) -> float:
-    """exp of the mean next-token NLL over the first ``windows`` non-overlapping windows (the task's scoring)."""
-    nll, count = 0.0, 0
-    for i in range(windows):
-        x = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0)
-        nll += model(input_ids=x, labels=x).loss.item() * (x.shape[1] - 1)
-        count += x.shape[1] - 1
-    return math.exp(nll / count)
-
-
 def chosen(name: str, pattern: str) -> bool:
     """Whether GPTQ quantizes layer ``name`` under ``pattern``: names containing it, or not containing it if it
     starts with ``!``; the empty pattern chooses every layer."""
@@ -93,7 +82,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--calib", type=int, default=16, help="calibration windows (the task recipe's length)")
-    parser.add_argument("--windows", type=int, default=1, help="evaluation windows of 2048 tokens")
+    parser.add_argument("--windows", type=int, default=1, help="evaluation windows (the task's, 2048 tokens)")
     parser.add_argument("--skip-first", default="0", help="comma list of K: Hessians without the first K positions")
     parser.add_argument("--first-weight", type=float, default=1.0, help="weight of each window's first position")
     parser.add_argument("--dynamic", action="store_true", help="dynamic groups (the gptq method's default)")
@@ -112,10 +101,13 @@ def main() -> None:
     layers = block_linears(model)
     batches = task.calibration_batches(tokenizer, data, args.calib, seed=0)
     found = hessians(model, layers, batches, skips, args.first_weight)
-    ids = task.token_ids(tokenizer, data, data.eval_split)
+
+    def score() -> float:  # the task's own windows and scoring, first ``--windows`` of them
+        return perplexity(*task.predict(model, tokenizer, data, limit=args.windows))
+
     spec = QuantSpec(args.bits, granularity="per-group", group_size=args.group_size)
     original = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-    print(f"fp32 {perplexity(model, ids, args.windows):.3f}", flush=True)
+    print(f"fp32 {score():.3f}", flush=True)
     modes = [("rtn", 0, ""), *((f"gptq skip-first={k}", k, "") for k in skips)]
     modes += [(f"gptq only={pattern}", skips[0], pattern) for pattern in only]
     for mode, skip, pattern in modes:
@@ -128,7 +120,7 @@ def main() -> None:
                 regroup = quantizer.qparams if args.dynamic else None
                 wq, _ = gptq_quantize(w, hessian, quantizer.qparams(w), "per-group", args.group_size, regroup=regroup)
             layer.weight.data = wq.to(layer.weight.dtype)
-        print(f"{mode} {perplexity(model, ids, args.windows):.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{mode} {score():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         for name, layer in layers.items():
             layer.weight.data = original[name].clone()
 
