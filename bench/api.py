@@ -308,6 +308,29 @@ class TaskData:
 
 # --------------------------------------------------------------------------- typed overrides
 
+ADDED_SETTING = "quantbench.added_setting"  # the field metadata key ``added_setting`` sets
+
+
+def added_setting(default: Any) -> Any:
+    """A ``Config`` field added after results were written, whose default keeps the method's former behaviour.
+
+    Every setting is part of a cell's config hash, hence of its resume key: a new field would give every cell of
+    the method a new key, and ``bench run`` would rerun (and a published study recompute) results the field does
+    not change. Declared ``x: float = added_setting(1.0)``, the field stays out of the hash while it is at its
+    default; any other value is hashed as usual (and names the cell's leaderboard variant). The row's
+    ``method_config`` records it either way.
+    """
+    return field(default=default, metadata={ADDED_SETTING: True})
+
+
+def hash_exempt(config: Any) -> frozenset[str]:
+    """The names of ``config``'s ``added_setting`` fields that are at their default: left out of its config hash."""
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata.get(ADDED_SETTING) and getattr(config, f.name) == f.default
+    )
+
 
 def check_range(config: Any, low: float, high: float | None = None, *names: str) -> None:
     """For a settings class's ``__post_init__``: ``ValueError("FIELD=VALUE: must be ...")`` for the first of

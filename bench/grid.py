@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import models
-from bench.api import FLOAT_BITS, QuantSpec, apply_overrides
+from bench.api import FLOAT_BITS, QuantSpec, apply_overrides, hash_exempt
 from bench.errors import BenchError, PluginError, unknown
 from bench.hashing import digest
 from bench.plugins import Plugins
@@ -41,10 +41,11 @@ class Cell:
     limit: int | None = None
     variant: str = field(default="", compare=False)  # non-default method settings, for the leaderboard
     data_dir: str | None = None
+    hash_exempt: frozenset[str] = field(default=frozenset(), compare=False)  # bench.api.added_setting at default
 
     @property
     def config_hash(self) -> str:
-        return digest(self.method_config)
+        return digest({k: v for k, v in self.method_config.items() if k not in self.hash_exempt})
 
     @property
     def bits_label(self) -> str:
@@ -117,13 +118,14 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
         if scope not in scopes:
             raise unknown("--set scope", scope, scopes)
     points = _sweep_points(request, methods, plugins)
-    configs: dict[str, list[tuple[dict, str]]] = {}  # method -> (method_config, variant) per sweep point
+    configs: dict[str, list[tuple[dict, str, frozenset]]] = {}  # method -> (config, variant, hash_exempt) per point
     for m in methods:
         settings_cls = plugins.methods.get(m).Config
         configs[m] = []
         for point in points.get(m, [{}]):
-            config = dataclasses.asdict(configured(m, settings_cls, request.settings.get(m, {}), point))
-            configs[m].append((config, _variant(settings_cls(), config)))
+            settings = configured(m, settings_cls, request.settings.get(m, {}), point)
+            config = dataclasses.asdict(settings)
+            configs[m].append((config, _variant(settings_cls(), config), hash_exempt(settings)))
     _check_shared_task_settings([plugins.tasks.get(t) for t in tasks], request.settings)
     recipes = {t: dataclasses.asdict(_task_recipe(plugins.tasks.get(t), t, request.settings)) for t in tasks}
     act_bits = _act_bits(request.act_bits, [plugins.methods.get(m) for m in methods])
@@ -155,12 +157,17 @@ def plan(request: GridRequest, plugins: Plugins) -> tuple[list[Cell], models.Res
             if request.reference and reference and reference not in methods:
                 cells.append(Cell(reference, {}, None, **common))
             for method in methods:
-                for config, variant in configs[method]:
+                for config, variant, exempt in configs[method]:
                     grids = [None] if method == reference else specs
-                    cells.extend(Cell(method, config, spec, **common, variant=variant) for spec in grids)
-            if baseline and any(v or m != baseline for m in methods if m != reference for _, v in configs[m]):
-                default = dataclasses.asdict(plugins.methods.get(baseline).Config())
-                extra = [Cell(baseline, default, spec, **common) for spec in specs]
+                    cells.extend(
+                        Cell(method, config, spec, **common, variant=variant, hash_exempt=exempt) for spec in grids
+                    )
+            if baseline and any(v or m != baseline for m in methods if m != reference for _, v, _ in configs[m]):
+                default = plugins.methods.get(baseline).Config()
+                extra = [
+                    Cell(baseline, dataclasses.asdict(default), spec, **common, hash_exempt=hash_exempt(default))
+                    for spec in specs
+                ]
                 cells.extend(c for c in extra if c.key not in {k.key for k in cells})
     return cells, resolved
 
@@ -272,9 +279,11 @@ def expand_groups(plugins: Plugins, names: list[str]) -> list[str]:
 
 
 def _variant(default_config, config: dict) -> str:
-    """'clip=mse' for the settings that differ from the method's defaults ('' when none do)."""
+    """'clip=mse' for the settings that differ from the method's defaults ('' when none do); a whole float as the
+    user would type it ('first_token_weight=64', not '64.0')."""
     defaults = dataclasses.asdict(default_config)
-    return ",".join(f"{k}={v}" for k, v in config.items() if defaults.get(k) != v)
+    shown = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in config.items()}
+    return ",".join(f"{k}={shown[k]}" for k, v in config.items() if defaults.get(k) != v)
 
 
 def configured(owner: str, settings_cls: type, *overrides: dict[str, str]) -> Any:

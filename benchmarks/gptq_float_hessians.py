@@ -29,7 +29,7 @@ from bench.tasks.lm import perplexity
 from bench import plugins
 from bench.api import QuantSpec
 from bench.models import resolve
-from bench.quant.calibration import linear_layers, transformer_blocks
+from bench.quant.calibration import linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import WeightQuantizer
 
 
@@ -40,33 +40,21 @@ def block_linears(model) -> dict:
     return layers
 
 
-@torch.no_grad()
 def hessians(
     model, layers: dict, batches: list[dict], skips: list[int], first_weight: float = 1.0
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Per K in ``skips``: each layer's Hessian over the calibration tokens, the first K positions of every window
     left out (one forward pass for all K); ``first_weight`` counts each window's first kept position that many
-    times. Its own hooks, not ``calibration.stream_inputs``: that one flattens the positions away."""
+    times (with K = 0, what ``--set gptq.first_token_weight`` does in the method)."""
     acc: dict[int, dict[str, HessianAccumulator]] = {k: {} for k in skips}
 
-    def hook(name):
-        def record(_module, args):
-            x = args[0].detach()
-            for k in skips:
-                accumulator = acc[k].setdefault(name, HessianAccumulator(x.shape[-1]))
-                accumulator.add(x[:, k:, :].reshape(-1, x.shape[-1]))
-                if first_weight != 1.0:
-                    accumulator.add(x[:, k, :] * (first_weight - 1.0) ** 0.5)
+    def record(name, x, position):
+        for k in skips:
+            kept = position >= k
+            weights = torch.where(position[kept] == k, first_weight, 1.0) if first_weight != 1.0 else None
+            acc[k].setdefault(name, HessianAccumulator(x.shape[-1])).add(x[kept], weights)
 
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    stream_inputs(model, batches, layers, record, positions=True)
     return {k: {name: a.hessian for name, a in by_layer.items()} for k, by_layer in acc.items()}
 
 

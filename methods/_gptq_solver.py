@@ -38,13 +38,18 @@ class HessianAccumulator:
 
     def __init__(self, features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.sum = torch.zeros(features, features, device=device, dtype=dtype)
-        self.tokens = 0
+        self.tokens = 0.0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` of shape (tokens, features)."""
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add inputs ``x`` of shape (tokens, features), token i counted ``weights[i]`` times (default once)."""
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
-        self.sum.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+        if weights is None:
+            self.sum.addmm_(x.T, x)
+            self.tokens += x.shape[0]
+        else:
+            weights = weights.to(device=self.sum.device, dtype=self.sum.dtype)
+            self.sum.addmm_((x * weights[:, None]).T, x)
+            self.tokens += weights.sum().item()
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -57,22 +62,30 @@ class SharedHessians:
     """The Hessians of several layers fed by one calibration pass, one accumulator per distinct input: the
     layers that read the same tensor (q/k/v, gate/up) have the same Hessian, summed once.
 
-    ``add(name, x)`` is an ``on_input`` callback: the calibration hooks hand every layer reading one tensor
-    the same ``x`` object, which is how sharing is recognized.
+    ``add(name, x[, position])`` is an ``on_input`` callback: the calibration hooks hand every layer reading one
+    tensor the same ``x`` object, which is how sharing is recognized.
+
+    ``first_token_weight`` counts each sequence's first token (``position == 0``) that many times: in a decoder it
+    is the attention sink most heads attend to, so its rounding error reaches every later token, yet a token
+    average gives it 1/length of the weight (an extension, not in the GPTQ paper; 1 is the paper's Hessian).
     """
 
-    def __init__(self):
+    def __init__(self, first_token_weight: float = 1.0):
+        self.first_token_weight = first_token_weight
         self.by_layer: dict[str, HessianAccumulator] = {}
         self._last: tuple[torch.Tensor, HessianAccumulator] | None = None
 
-    def add(self, name: str, x: torch.Tensor) -> None:
+    def add(self, name: str, x: torch.Tensor, position: torch.Tensor | None = None) -> None:
         if self._last is not None and x is self._last[0]:
             if self.by_layer.setdefault(name, self._last[1]) is self._last[1]:
                 return  # already summed for the layer that read it first
         accumulator = self.by_layer.get(name)
         if accumulator is None:
             accumulator = self.by_layer[name] = HessianAccumulator(x.shape[-1], x.device)
-        accumulator.add(x)
+        weights = None
+        if self.first_token_weight != 1.0 and position is not None:
+            weights = torch.where(position == 0, self.first_token_weight, 1.0)
+        accumulator.add(x, weights)
         self._last = (x, accumulator)
 
     def hessian(self, name: str) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench import hookimpl
-from bench.api import Method, MethodContext, QuantSpec, check_range
+from bench.api import Method, MethodContext, QuantSpec, added_setting, check_range
 from bench.quant.calibration import Stream, blockwise, linear_layers, stream_inputs, transformer_blocks
 from bench.quant.layers import QuantLinear, WeightQuantizer, float_layers, freeze, quantize_model
 
@@ -40,10 +40,13 @@ class GPTQConfig:
     # static with act-order), True = every group's grid from the original weight (AutoGPTQ's static_groups)
     static_groups: bool | None = None
     clip: Literal["minmax", "mse"] = "minmax"
+    # times each calibration sequence's first token counts in the Hessians (1 = the paper's token average; 0 leaves
+    # it out). An extension: in a decoder the first token is the attention sink, whose error every later token reads
+    first_token_weight: float = added_setting(1.0)
 
     def __post_init__(self):
         check_range(self, 1, None, "n_samples", "block_size")
-        check_range(self, 0, None, "damp")
+        check_range(self, 0, None, "damp", "first_token_weight")
         if self.act_order and self.static_groups is False:
             raise ValueError(
                 "static_groups=False: act_order=True needs static groups (the quantized layer stores groups of "
@@ -79,10 +82,10 @@ class GPTQ(Method):
         on each."""
         if not layers:
             return
-        hessians = SharedHessians()
-        with float_layers(layers.values(), activations=False):  # the Hessian of the float input
-            stream(layers, hessians.add)
         cfg = self.config
+        hessians = SharedHessians(cfg.first_token_weight)
+        with float_layers(layers.values(), activations=False):  # the Hessian of the float input
+            stream(layers, hessians.add, positions=True)
         for name, layer in layers.items():
             hessian = hessians.hessian(name)
             if hessian is None:

@@ -93,3 +93,35 @@ def test_recording_computes_the_blocks_on_the_first_batch_only_and_restores_them
         pass
     assert list(computed.values()) == [1 + len(batches)] * (len(blocks) - 1) + [1]  # the last one is not advanced
     assert all("forward" not in block.__dict__ for _, block in blocks)
+
+
+def _positions(stream, layers: dict) -> dict[str, torch.Tensor]:
+    seen: dict[str, list] = {name: [] for name in layers}
+
+    def record(name, x, position):
+        assert position.shape == (x.shape[0],)
+        seen[name].append(position)
+
+    stream(layers, record, positions=True)
+    return {name: torch.cat(p) for name, p in seen.items()}
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_positions_count_each_sequences_real_tokens_from_zero_wherever_the_padding_sits(left_padded):
+    batches = padded_batches(2, seed=3)  # rows 0-3 padded from position 11
+    if left_padded:
+        batches = [{k: v.flip(1) for k, v in b.items()} for b in batches]
+    want = torch.cat(
+        [
+            torch.arange(16)[m.bool()] - (5 if left_padded and i < 4 else 0)
+            for b in batches
+            for i, m in enumerate(b["attention_mask"])
+        ]
+    )
+    model = _tiny_llama()
+    blocks = transformer_blocks(model)
+    for name, block, stream in blockwise(model, batches, blocks):  # the replayed blocks and the whole-model pass
+        layers = linear_layers(block, name)
+        for got in (_positions(stream, layers), _positions(partial(stream_inputs, model, batches), layers)):
+            for position in got.values():
+                assert torch.equal(position, want)

@@ -232,9 +232,9 @@ def test_layers_reading_one_tensor_share_one_hessian_summed_once():
     hessians, added = SharedHessians(), []
     original = HessianAccumulator.add
 
-    def counted(self, x):
+    def counted(self, x, weights=None):
         added.append(self)
-        original(self, x)
+        original(self, x, weights)
 
     batches = _batches(16, seed=3)
     with pytest.MonkeyPatch.context() as patch:
@@ -368,3 +368,43 @@ def test_layers_quantized_in_execution_order(monkeypatch):
     blocks = [f"layers.{i}.{j}" for i in range(2) for j in (0, 2)]
     assert order == ["proj_in", *blocks, "proj_out"]
     assert all(m.weight_quantizer.frozen for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_weighted_hessian_equals_the_rows_repeated():
+    x = _correlated_inputs(300, 16)
+    weights = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(0))
+    weighted = HessianAccumulator(16)
+    for chunk, w in zip(x.split(100), weights.split(100), strict=True):
+        weighted.add(chunk, w.float())
+    repeated = _hessian(x.repeat_interleave(weights, dim=0))  # float32 sums in another order: 1e-5 apart
+    torch.testing.assert_close(weighted.hessian, repeated, rtol=1e-5, atol=1e-5 * repeated.abs().max().item())
+
+
+def test_first_token_weight_counts_each_sequences_first_real_token_that_many_times(monkeypatch):
+    import bench.methods.gptq as plugin
+
+    batches = _batches(16, seed=1)
+    for batch in batches:  # left padding: the first real token is not at position 0
+        batch["attention_mask"][0, :3] = 0
+    used = {}
+    monkeypatch.setattr(plugin, "gptq_layer", lambda layer, hessian, **_kwargs: used.__setitem__(layer, hessian))
+    context = MethodContext(task=None, tokenizer=None, seed=0, keep_fp=DEFAULT_KEEP_FP, calibration=lambda n: batches)
+    spec, hessians = QuantSpec(4, granularity="per-channel"), {}
+    for weight in (1.0, 5.0):
+        model = GPTQ(GPTQConfig(n_samples=16, first_token_weight=weight)).quantize(_tiny_bert(), spec, context)
+        hessians[weight] = used[model.bert.encoder.layer[0].attention.self.query]
+
+    fp, rows = _tiny_bert(), []
+    first = fp.bert.encoder.layer[0].attention.self.query
+    stream_inputs(fp, batches, {"q": first}, lambda _n, x: rows.append(x))
+    starts = torch.cat([torch.nn.functional.pad(b["attention_mask"].cumsum(1), (1, 0))[:, :-1] for b in batches])
+    first_rows = (starts[torch.cat([b["attention_mask"] for b in batches]).bool()] == 0).long()
+    x = torch.cat(rows)
+    assert first_rows.sum() == 16
+    torch.testing.assert_close(hessians[1.0], _hessian(x))
+    torch.testing.assert_close(hessians[5.0], _hessian(x.repeat_interleave(1 + 4 * first_rows, dim=0)))
+
+
+def test_first_token_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="first_token_weight=-1"):
+        GPTQConfig(first_token_weight=-1)

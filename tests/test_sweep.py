@@ -2,12 +2,15 @@
 its own config, resume key and leaderboard variant, checked when the grid is planned; the baseline and reference
 cells are not multiplied, and a swept run dir resumes like any other."""
 
+import dataclasses
 import json
 
 import pytest
+from bench.methods.gptq import GPTQConfig
 
 import bench
 from bench import plugins
+from bench.api import hash_exempt
 from bench.cli import build_parser, main
 from bench.errors import BenchError
 from bench.runner import GridRequest, _sweeps, plan
@@ -166,3 +169,17 @@ def test_a_swept_run_has_a_row_and_a_leaderboard_variant_per_value_and_resumes(t
     assert [json.loads(line)["key"] for line in lines] == [r["key"] for r in first.rows] + [
         rows[("rtn", "clip=mse")]["key"]
     ]
+
+
+def test_a_setting_added_later_keeps_the_keys_of_cells_at_its_default():
+    """``added_setting``: gptq.first_token_weight came after the published GPTQ rows; at its default (the former
+    behaviour) the cells keep their keys and resume, any other value is its own key and variant."""
+    cells = _plan(["gptq"], {"gptq.first_token_weight": [1, 64]})
+    gptq = {c.variant: c for c in cells if c.method == "gptq" and c.bits_label == "W4A32"}
+    assert sorted(gptq) == ["", "first_token_weight=64"]
+    assert gptq[""].method_config["first_token_weight"] == 1.0  # recorded in the row either way
+    without = {k: v for k, v in gptq[""].method_config.items() if k != "first_token_weight"}
+    before = dataclasses.replace(gptq[""], method_config=without, hash_exempt=frozenset())
+    assert gptq[""].key == before.key  # the key a cell had before the field existed
+    assert gptq["first_token_weight=64"].key != before.key
+    assert hash_exempt(GPTQConfig(first_token_weight=64)) == frozenset()

@@ -24,8 +24,9 @@ from bench.training import eval_mode
 log = logging.getLogger(__name__)
 
 LINEAR_TYPES = (nn.Linear, QuantLinear)
-OnInput = Callable[[str, torch.Tensor], None]  # (layer name, its input as (tokens, features))
-Stream = Callable[[dict[str, nn.Module], OnInput], None]  # feeds calibration inputs to the layers' on_input
+# (layer name, its input as (tokens, features)[, each token's position in its sequence with positions=True])
+OnInput = Callable[..., None]
+Stream = Callable[..., None]  # (layers, on_input, *, positions=False): feeds calibration inputs to on_input
 
 
 class _StopForward(Exception):
@@ -63,20 +64,29 @@ def _token_mask(batch: dict) -> torch.Tensor | None:
     return mask.bool() if mask is not None else None
 
 
-def _input_hooks(layers: dict[str, nn.Module], on_input: OnInput, mask: list) -> list:
+def _input_hooks(layers: dict[str, nn.Module], on_input: OnInput, mask: list, positions: bool = False) -> list:
     """Pre-hooks calling ``on_input`` with each layer's input flattened to (tokens, features), the padding
     tokens of ``mask[0]`` (the current batch's attention mask, when it has one) left out. Layers that read one
-    tensor (q/k/v) are handed one ``x`` object, so a consumer can tell they share it."""
-    last: list = [None, None]  # the last input tensor seen, and the x made of it
+    tensor (q/k/v) are handed one ``x`` object, so a consumer can tell they share it. With ``positions``, the
+    call is ``on_input(name, x, position)``: each row's position among its sequence's real tokens (0 = the first
+    real token, wherever padding sits), or None where the input has no (batch, sequence) axes."""
+    last: list = [None, None, None]  # the last input tensor seen, the x made of it, its rows' positions
 
     def make_hook(name):
         def hook(_module, args):
             if args[0] is not last[0]:
-                x = args[0].detach()
-                if mask[0] is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
-                    x = x[mask[0]]
-                last[:] = [args[0], x.reshape(-1, x.shape[-1])]
-            on_input(name, last[1])
+                x, position = args[0].detach(), None
+                if x.dim() == 3:
+                    position = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
+                    if mask[0] is not None and tuple(x.shape[:2]) == tuple(mask[0].shape):
+                        position = (mask[0].cumsum(1) - 1).to(x.device)[mask[0]]
+                        x = x[mask[0]]
+                    position = position.reshape(-1)
+                last[:] = [args[0], x.reshape(-1, x.shape[-1]), position]
+            if positions:
+                on_input(name, last[1], last[2])
+            else:
+                on_input(name, last[1])
 
         return hook
 
@@ -91,19 +101,22 @@ def stream_inputs(
     on_input: OnInput,
     *,
     stop_after: nn.Module | None = None,
+    positions: bool = False,
 ) -> None:
     """Run ``model(**batch)`` on each batch and call ``on_input(name, x)`` for every layer in ``layers``.
 
     ``x`` is the layer's input flattened to (tokens, features) with padding tokens removed (where the
     batch has an attention mask), so statistics are over real tokens only. If ``stop_after`` is given,
-    the forward pass stops once that module has run: later layers are not needed yet.
+    the forward pass stops once that module has run: later layers are not needed yet. ``positions`` adds each
+    row's position in its sequence as a third argument (GPTQ's ``first_token_weight`` needs it: flattening
+    loses it).
     """
     current_mask: list[torch.Tensor | None] = [None]
 
     def stop(_module, _args, _output):
         raise _StopForward
 
-    handles = _input_hooks(layers, on_input, current_mask)
+    handles = _input_hooks(layers, on_input, current_mask, positions)
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
     try:
@@ -122,9 +135,9 @@ def stream_inputs(
 def blockwise(
     model: nn.Module, batches: list[dict], blocks: list[tuple[str, nn.Module]]
 ) -> Iterator[tuple[str, nn.Module, Stream]]:
-    """Yield ``(name, block, stream)`` for each block in order; ``stream(layers, on_input)`` feeds the block's
-    layers their inputs on the calibration batches (as ``stream_inputs`` does), with every earlier block as the
-    caller left it when it asked for the next one (quantized, for GPTQ and AWQ).
+    """Yield ``(name, block, stream)`` for each block in order; ``stream(layers, on_input[, positions=True])``
+    feeds the block's layers their inputs on the calibration batches (as ``stream_inputs`` does), with every
+    earlier block as the caller left it when it asked for the next one (quantized, for GPTQ and AWQ).
 
     The block's inputs are carried from block to block, as the GPTQ and AWQ reference codes do: one forward of
     each block but the last to advance them, plus one per ``stream`` call (2L - 1 block forwards for L blocks),
@@ -218,9 +231,9 @@ class _BlockReplay:
                 yield b, self.blocks[i](*args, **kwargs)
 
     @torch.no_grad()
-    def stream(self, i: int, layers: dict[str, nn.Module], on_input: OnInput) -> None:
+    def stream(self, i: int, layers: dict[str, nn.Module], on_input: OnInput, *, positions: bool = False) -> None:
         mask: list[torch.Tensor | None] = [None]
-        handles = _input_hooks(layers, on_input, mask)
+        handles = _input_hooks(layers, on_input, mask, positions)
         try:
             for _ in self._outputs(i, mask):
                 pass
