@@ -164,10 +164,14 @@ class CellRunner:
                 student = prepared.fp_model  # lent: no phase of this cell changes it
             else:
                 student = copy.deepcopy(prepared.fp_model)
+            phases = prepared.phases.copy()  # the group's prepare phase, then this cell's own
+            reference = None
+            if self.latency and method_cls.changes_model:
+                with phases("reference"):
+                    reference = self._latency(student)  # still the FP model: the speedup's own FP32 figure
             meter = MethodMeter(student)
             context = self.method_context(method, task, tokenizer, data, recipe, cell.seed, watch=meter.watch)
             seed_everything(cell.seed)
-            phases = prepared.phases.copy()  # the group's prepare phase, then this cell's own
             with phases("method"), meter:
                 model = method.quantize(student, cell.spec, context)
             if not isinstance(model, torch.nn.Module):
@@ -183,6 +187,8 @@ class CellRunner:
             if self.latency:
                 with phases("latency"):
                     latency = self._latency(model)
+                if latency and reference:
+                    latency["reference"] = {k: v for k, v in reference.items() if k != "kernels"}
             if self.sharpness:
                 with phases("sharpness"):
                     curvature = self._curvature(model, task, tokenizer, data, recipe, cell.seed)

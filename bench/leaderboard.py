@@ -331,23 +331,15 @@ def _column_order(column: str) -> float:
     )
 
 
-def _add_speedup(means, stds, counts, kernels, roles):
-    """Speedup over the reference's p50, only for cells that ran a real low-bit kernel: a simulated one has none."""
-    latencies = means.get((FLOAT_BITS, LATENCY), pd.Series(dtype=float))
-    fp32 = [v for i, v in latencies.items() if roles.get(i) == "reference"]
-    if not fp32:
-        return means, stds, counts
-    for bits in {b for b, c in means.columns if c == LATENCY and b != FLOAT_BITS}:
-        real = [
-            i
-            for i in means.index
-            if kernels.get((*i, bits)) and not any(k in kernels[(*i, bits)] for k in REAL_KERNELS_EXCLUDE)
-        ]
-        if real:
-            means[(bits, SPEEDUP)] = pd.Series({i: fp32[0] / means.at[i, (bits, LATENCY)] for i in real})
-            stds[(bits, SPEEDUP)] = float("nan")
-            counts[(bits, SPEEDUP)] = counts[(bits, LATENCY)]
-    return means, stds, counts
+def _speedup(latency: dict) -> float | None:
+    """The row's FP32 p50 over its own p50, where a real low-bit kernel ran and the row holds its paired FP32
+    figure (``latency["reference"]``: the cell's FP model timed in the same process just before its method).
+    Against an FP32 row timed in another run none is given: on a shared VM the same kernel and shapes have
+    measured 3-5x apart on different days, more than most speedups."""
+    reference = (latency.get("reference") or {}).get("p50")
+    if not reference or not latency.get("p50") or latency.get("kernel") in REAL_KERNELS_EXCLUDE:
+        return None
+    return reference / latency["p50"]
 
 
 def method_label(row: dict) -> str:
@@ -404,6 +396,7 @@ def build(
             if r.get("size_bytes") and r.get("fp32_size_bytes")
             else None,
             LATENCY: (r.get("latency") or {}).get("p50"),
+            SPEEDUP: _speedup(r.get("latency") or {}),
             SHARPNESS: (r.get("sharpness") or {}).get("value"),
             DECODE: ((r.get("latency") or {}).get("decode") or {}).get("p50"),
             METHOD_TIME: (r.get("cost") or {}).get("method_s"),
@@ -427,7 +420,7 @@ def build(
         avg = avg[avg.n == scored.task.nunique()].drop(columns="n")
         parts.append(avg.assign(column=AVERAGE))
     parts.extend(_differences(frame))
-    for measure in (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE, METHOD_TIME):
+    for measure in (SHARPNESS, SIZE, COMPRESSION, LATENCY, DECODE, SPEEDUP, METHOD_TIME):
         per_cell = frame.dropna(subset=[measure]).groupby(["method", "data", "bits", "seed"], as_index=False)[measure]
         parts.append(per_cell.mean().assign(column=measure).rename(columns={measure: "value"}))
     long = pd.concat(parts, ignore_index=True)
@@ -440,7 +433,6 @@ def build(
         .kernel.agg(lambda k: "/".join(sorted(set(k))))
     )
     roles = frame.drop_duplicates(["method", "data"]).set_index(["method", "data"]).role.to_dict()
-    means, stds, counts = _add_speedup(means, stds, counts, kernels, roles)
     simulated = {i for i, kernel in kernels.items() if kernel == "simulated"}
     for bits, column in [c for c in means.columns if c[1] in (LATENCY, DECODE)]:
         # fake-quant on float matmuls times FP32 arithmetic, not the method: no figure, no plot point
@@ -597,8 +589,10 @@ def _notes(rows: list[dict], failed: list[dict], scored_as: dict[str, Scoring]) 
         notes.append(
             f"{LATENCY} = forward of {', '.join(shapes)}, {', '.join(threads)} thread(s), median of "
             f"{timed[0].get('n')} runs after {timed[0].get('warmup')} warm-up, with the kernel that ran"
-            "; speedup vs FP32 only where a real low-bit kernel ran. Cells that ran simulated (fake-quant on float "
-            "matmuls: FP32 arithmetic, not the method's) show – and are left out of the plots"
+            "; speedup = the cell's FP model timed the same way in the same process just before its method, over "
+            "that, only where a real low-bit kernel ran (rows without that paired figure show none). Cells that ran "
+            "simulated (fake-quant on float matmuls: FP32 arithmetic, not the method's) show – and are left out of "
+            "the plots"
         )
         if any(t.get("decode") for t in timed):
             notes.append(f"decoders: {LATENCY} is the prefill; {DECODE} = one generated token on the prompt's KV cache")

@@ -44,6 +44,11 @@ def test_rows_follow_the_schema(first_run):
         assert row["peak_rss_mb"] > 0 and row["timing"]["rss_scope"] in ("phase", "process")
         assert {"prepare_s", "method_s", "eval_s", "latency_s", "sharpness_s"} <= set(row["timing"])
         assert row["size_bytes"] < row["fp32_size_bytes"] or row["method"] == "fp32"
+        if row["method"] == "fp32":  # the reference itself: no paired figure
+            assert "reference" not in latency and "reference_s" not in row["timing"]
+        else:  # its FP model, timed the same way just before the method: the speedup's denominator
+            assert latency["reference"]["kernel"] == "fp32" and latency["reference"]["p50"] > 0
+            assert latency["reference"]["seq_len"] == latency["seq_len"] and row["timing"]["reference_s"] > 0
     rtn4 = next(r for r in rows if r["bits"] == "W4A32")
     assert rtn4["w_bits"] == 4 and rtn4["a_bits"] is None and rtn4["granularity"] == "per-channel"
     assert rtn4["quantized"]["kept_fp"] == ["classifier"] and rtn4["quantized"]["quantized_linears"] == 13

@@ -156,6 +156,20 @@ def test_latency_only_where_a_real_kernel_ran():
     assert "show –" in " ".join(board.notes)
 
 
+def test_speedup_divides_each_rows_own_fp32_reference_never_an_fp32_row_timed_in_another_run():
+    rows = _card_rows()
+    for row in rows:
+        if row["method"] == "zsaq":
+            del row["latency"]["reference"]  # a row from before the paired figure: the FP32 row is no stand-in
+        if row["method"] == "rtn" and row["seed"] == 1:
+            row["latency"]["reference"]["p50"] = 42.6  # this seed's FP model timed on a slower day
+    board = build(rows, [], ["runs/a"])
+    assert board.text(("zsaq", "none"), "W4A8", "p50 ms", layout="long") == "13.70"
+    speedup = board.long(board.means).at[("rtn", "none", "W4A8"), "speedup"]
+    assert speedup == pytest.approx((21.3 / 13.2 + 42.6 / 14.2) / 2)  # per seed, then the mean
+    assert any("rows without that paired figure show none" in n for n in board.notes)
+
+
 def test_a_latency_timed_beside_other_busy_processes_is_marked_in_both_layouts():
     rows = _card_rows()
     loaded = next(r for r in rows if r["method"] == "zsaq" and r["bits"] == "W4A8" and r["seed"] == 1)
@@ -204,6 +218,7 @@ def _card_rows(**variants):
                 ("prequant", "labeled", 0.05, 1050.8),
             ):
                 cell = {"size": size * MB, "fp32_size": 86.7 * MB, "p50": 13.2 + seed, "kernel": "int8-gemm"}
+                cell["reference_p50"] = 21.3 + seed  # its FP model, timed just before the method
                 score = 0.91 - drop + gain + 0.013 * seed * (method != "rtn")
                 row = _row(method, bits, "sst2", seed, score, data=data, sharp=0.04 + drop / 10, **cell)
                 row["variant"] = variants.get(method, "")
@@ -243,7 +258,7 @@ def test_the_design_card_reads_long_in_120_columns_with_the_wide_tables_differen
             assert wide.split(" ± ")[0] == row[column], (method, bits, column)
             mean = board.means.at[(method, data), (bits, column)] if wide else float("nan")
             assert numbers.at[(method, data, bits), column] == pytest.approx(mean, nan_ok=True)
-    assert numbers.at[("zsaq", "none", "W2A8"), "speedup"] == pytest.approx(21.8 / 13.7)
+    assert numbers.at[("zsaq", "none", "W2A8"), "speedup"] == pytest.approx((21.3 / 13.2 + 22.3 / 14.2) / 2)
 
 
 def test_long_method_labels_are_cut_to_fit_and_named_whole_in_the_notes(tmp_path):

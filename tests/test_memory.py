@@ -59,15 +59,23 @@ def test_phase_table_shows_each_phase_and_the_peak():
     from bench.metrics.memory import phase_table
 
     new = {"method": "zsaq", "bits": "W2A8", "task": "sst2", "seed": 0, "wall_time_s": 61.0, "peak_rss_mb": 2048.5}
-    new["timing"] = {"prepare_s": 12.0, "method_s": 40.25, "eval_s": 9.5, "sharpness_s": 11.0, "peak_rss_mb": {}}
+    new["timing"] = {
+        "prepare_s": 12.0,
+        "reference_s": 1.5,
+        "method_s": 40.25,
+        "eval_s": 9.5,
+        "sharpness_s": 11.0,
+        "peak_rss_mb": {},
+    }
     new["timing"]["others_cores"] = {"prepare": 0.1, "method": 1.25, "eval": None}
     old = {"method": "rtn", "bits": "W4A8", "task": "sst2", "seed": 0, "cost": {"method_s": 0.75}, "timing": None}
     lines = phase_table([new, old]).splitlines()
-    header = "method bits task seed prepare s method s eval s latency s sharpness s cell s peak MiB busy elsewhere"
+    header = "method bits task seed prepare s reference s method s eval s latency s sharpness s cell s peak MiB"
+    header += " busy elsewhere"
     assert lines[0].split() == header.split()
-    cells = ["zsaq", "W2A8", "sst2", "0", "12.0", "40.2", "9.5", "–", "11.0", "61.0", "2048.5", "1.2"]
+    cells = ["zsaq", "W2A8", "sst2", "0", "12.0", "1.5", "40.2", "9.5", "–", "11.0", "61.0", "2048.5", "1.2"]
     assert lines[2].split() == cells  # the busiest phase's others_cores (1.25, shown to one decimal)
-    assert lines[3].split()[4:6] == ["–", "0.8"] and lines[3].split()[-1] == "–"  # an old row: what it has
+    assert lines[3].split()[4:7] == ["–", "–", "0.8"] and lines[3].split()[-1] == "–"  # an old row: what it has
 
 
 def test_busy_elsewhere_is_the_machines_busy_time_minus_our_own_per_second(monkeypatch, tmp_path):

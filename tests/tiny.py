@@ -96,8 +96,10 @@ def result_row(
     sharp=None,
     fp32_size=None,
     kernel=None,
+    reference_p50=None,
 ) -> dict:
-    """A synthetic ok result row with the fields the leaderboard reads."""
+    """A synthetic ok result row with the fields the leaderboard reads (``reference_p50``: the cell's paired FP32
+    p50, which its speedup divides)."""
     kind = kind or ("language-modeling" if task == "wikitext2" else "classification")
     return {
         "method": method,
@@ -116,7 +118,13 @@ def result_row(
         "status": "ok",
         "size_bytes": size,
         "fp32_size_bytes": fp32_size,
-        "latency": {"p50": p50, "kernel": kernel or ("fp32" if bits == "FP32" else "simulated")} if p50 else None,
+        "latency": {
+            "p50": p50,
+            "kernel": kernel or ("fp32" if bits == "FP32" else "simulated"),
+            **({"reference": {"p50": reference_p50, "kernel": "fp32"}} if reference_p50 else {}),
+        }
+        if p50
+        else None,
         "sharpness": {"value": sharp, "rho": 0.05, "steps": 5} if sharp is not None else None,
     }
 

@@ -139,7 +139,7 @@ class Phases:
         return max(self.peak_mb.values()) if self.peak_mb else None
 
 
-PHASES = ("prepare", "method", "eval", "latency", "sharpness")
+PHASES = ("prepare", "reference", "method", "eval", "latency", "sharpness")
 
 
 def phase_table(rows: list[dict]) -> str:
