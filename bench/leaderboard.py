@@ -295,15 +295,22 @@ class View:
         return table.reset_index()
 
     def abbreviated(self, width: int) -> View:
-        """Method labels (method[variant] @model) longer than ``width`` cut to ``width`` with a ``#k`` marker;
-        the notes give each in full."""
+        """Method labels (method[variant] @model) longer than ``width`` made to fit, the notes giving each whole:
+        first their setting names cut to the shortest prefix no other name in the table shares (``squat[ep…=3]``:
+        the values, what a reader compares, stay whole); where that is not enough, the label itself cut to ``width``
+        with a ``#k`` marker."""
         labels = list(dict.fromkeys(i[0] for i in self.table.index))
-        short, notes = {}, []
+        prefixes = _setting_prefixes(labels)
+        short, notes, cut = {}, [], 0
         for label in labels:
             if len(label) > width:
-                marker = f"…#{len(notes) + 1}"
-                short[label] = label[: max(width - len(marker), 1)] + marker
-                notes.append(f"{short[label]} = {label}")
+                shorter = _SETTING_NAME.sub(lambda m: prefixes[m.group(1)] + "=", label)
+                if len(shorter) > width:
+                    cut += 1
+                    marker = f"…#{cut}"
+                    shorter = label[: max(width - len(marker), 1)] + marker
+                short[label] = shorter
+                notes.append(f"{shorter} = {label}")
         if not short:
             return self
 
@@ -314,6 +321,21 @@ class View:
         table.index = pd.MultiIndex.from_tuples([rename(i) for i in table.index], names=table.index.names)
         best = [(rename(i), c) for i, c in self.best]
         return View(table, best, self.reference, [*self.notes, *notes])
+
+
+_SETTING_NAME = re.compile(r"(?<=[\[,])(\w+)=")  # a setting's name in a method label's [variant]
+
+
+def _setting_prefixes(labels: list[str]) -> dict[str, str]:
+    """Each setting name in ``labels`` -> its shortest prefix of 2+ characters that no other name there starts
+    with, marked cut (``epochs`` -> ``ep…``); a name no prefix shortens stays whole."""
+    names = {m.group(1) for label in labels for m in _SETTING_NAME.finditer(label)}
+    prefixes = {}
+    for name in names:
+        others = names - {name}
+        n = next((n for n in range(2, len(name)) if not any(o.startswith(name[:n]) for o in others)), len(name))
+        prefixes[name] = name[:n] + "…" if n < len(name) - 1 else name
+    return prefixes
 
 
 def _bits_order(label: str) -> tuple:

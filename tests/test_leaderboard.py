@@ -349,3 +349,19 @@ def test_provenance_names_the_versions_that_produced_the_rows():
     assert made["quantbench"] == "0.0.9" and made["transformers"] == "4.50.0"
     assert made["torch"] == "2.11.0+cpu, 2.12.0+cpu"
     assert build([], [], ["runs/a"]).provenance["torch"]  # no rows: the installed versions
+
+
+def test_a_label_over_the_width_by_a_little_cuts_its_setting_names_and_keeps_the_values(tmp_path):
+    # the published squat-minilm table: 'squat[epochs=3]' two characters over, once cut to 'squat[epoc…#1'
+    rows = _card_rows(zsaq="epochs=3,inputs=random")
+    view = build(rows, [], []).view("long")
+    label = "zsaq[epochs=3,inputs=random]"
+    fitted = view.abbreviated(len(label) - 2)
+    short = next(i[0] for i in fitted.table.index if i[0].startswith("zsaq"))
+    assert short == "zsaq[ep…=3,in…=random]" and f"{short} = {label}" in fitted.notes
+    # names cut only as far as keeps them apart: 'epochs' and 'epsilon' both start 'ep'
+    epsilon = [{**r, "variant": "epsilon=0.1"} for r in _card_rows() if r["method"] == "zsaq"]
+    rows = _card_rows(zsaq="epochs=3") + epsilon
+    view = build(rows, [], []).view("long")
+    labels = {width: {i[0] for i in view.abbreviated(width).table.index} for width in (13, 14)}
+    assert "zsaq[epo…=3]" in labels[13] and {"zsaq[epochs=3]", "zsaq[eps…=0.1]"} <= labels[14]
