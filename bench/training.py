@@ -9,7 +9,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +103,8 @@ def train_loop(
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * steps_per_epoch)
+    from transformers import get_linear_schedule_with_warmup  # lazy: transformers costs `bench list` ~2 s
+
     schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     model.train()
     losses: list[float] = []

@@ -96,3 +96,16 @@ def test_a_users_own_tasks_py_and_methods_py_do_not_shadow_the_built_ins(tmp_pat
     methods, tasks = (set(line.split()) for line in out.stdout.splitlines())
     assert {"fp32", "rtn", "gptq", "awq", "smoothquant", "zsaq", "gan", "lsq", "squat", "prequant"} <= methods
     assert {"sst2", "cola", "glue", "wikitext2", "c4", "sst2-zs", "hellaswag"} <= tasks
+
+
+def test_loading_the_plugins_leaves_transformers_scipy_and_sklearn_to_the_work_that_needs_them():
+    # `bench list` loads every plugin: these three once added about 5 s to each command on 2 cores. transformers'
+    # logging is quieted all the same, through the environment it reads on import
+    code = (
+        "import logging, sys; from bench import logs, plugins; plugins.default(); logs.setup(logging.WARNING); "
+        "print(sorted(m for m in ('transformers', 'scipy', 'sklearn') if m in sys.modules)); "
+        "import transformers; print(transformers.logging.get_verbosity() == logging.ERROR)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.split() == ["[]", "True"], proc.stderr

@@ -16,7 +16,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
 from bench.quant.layers import QuantLinear, float_layers
 from bench.training import eval_mode
@@ -269,6 +268,8 @@ def _passing_through(block: nn.Module) -> Iterator[None]:
 def _without_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple]:
     """A block call's hidden states and the rest of the call (a KV cache dropped: replayed calls must not grow
     it)."""
+    from transformers.cache_utils import Cache  # lazy: transformers costs `bench list` ~2 s
+
     kwargs = {k: None if isinstance(v, Cache) or k in _CACHES else v for k, v in kwargs.items()}
     if args:
         return args[0], (None, args[1:], kwargs)
