@@ -99,12 +99,12 @@ def train_loop(
 
     Returns the per-step losses so callers (and tests) can see that training happened.
     """
+    from transformers import get_linear_schedule_with_warmup  # lazy: transformers costs `bench list` ~2 s
+
     groups = _param_groups(model, params)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * steps_per_epoch)
-    from transformers import get_linear_schedule_with_warmup  # lazy: transformers costs `bench list` ~2 s
-
     schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     model.train()
     losses: list[float] = []
